@@ -1,0 +1,38 @@
+# `make up` and `make test` work on a fresh machine: both install what they need first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install up test lint bench clean-venv services
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PY=$(PY) bash scripts/install.sh
+	touch $@
+
+install: $(STAMP)
+
+## Set up, then run a whole cluster on this machine (controller, worker, gateway, bundled models).
+up: install
+	$(BIN)/modelfleet up
+
+## Set up, then run ruff and the whole test suite against real PostgreSQL, MariaDB and Redis.
+test: install services
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+services:
+	bash scripts/services.sh
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: install services
+	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/runners.py
+	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/e2e.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,177 @@
+"""The Store interface: every piece of cluster state goes through it.
+
+Rules every backend keeps (DESIGN.md principles 4 and 5):
+- liveness times come from the store's own clock (SQL ``now()``, Redis ``TIME``);
+  ``heartbeat_age`` is computed by the store when read, never written by a sweeper;
+- every write is one atomic statement or transaction (upserts, never read-then-insert);
+- unique keys have no NULL column;
+- a heartbeat with no instance change costs one write (the worker row).
+
+A backend that cannot reach its server raises ``StoreUnavailable``; callers turn
+that into "not ready" / HTTP 503 and nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from modelfleet.models import (
+    ApiKey,
+    Deployment,
+    Instance,
+    InstanceSpec,
+    InstanceStatus,
+    Lease,
+    WorkerInfo,
+    WorkerRecord,
+)
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's server cannot be reached or answered with a transient error."""
+
+
+class StoreConfigError(StoreError):
+    """The store URL is wrong (unknown scheme, bad host, failed authentication)."""
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    registered: bool  # True when this heartbeat created the worker row
+    revision: int  # the routing revision after this heartbeat
+
+
+# Instance fields that the scheduler / API may change with update_instance().
+SPEC_FIELDS = frozenset(
+    {"worker_id", "weight", "max_concurrency", "enabled", "pending_reason", "params", "backend", "source"}
+)
+
+
+class Store(abc.ABC):
+    """Async interface to the cluster state. One instance per process, safe for concurrent use."""
+
+    url_scheme: str = ""
+
+    # -- lifecycle -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def migrate(self) -> None:
+        """Create or upgrade the schema (Alembic for SQL). Idempotent; safe to race."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers and is migrated."""
+
+    @abc.abstractmethod
+    async def now(self) -> float:
+        """The store's clock, epoch seconds."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- workers -------------------------------------------------------------------
+    @abc.abstractmethod
+    async def heartbeat(
+        self, worker: WorkerInfo, statuses: list[InstanceStatus] | None = None
+    ) -> HeartbeatResult:
+        """Upsert the worker with last_heartbeat = store now.
+
+        ``statuses`` is None when the worker's instances did not change since its last
+        report: then this is a single write. Otherwise, in the same transaction:
+        - instances known to the store (assigned) get their observed fields updated;
+        - instances the worker declared itself (status carries model/backend) are upserted
+          with ``deployment=None`` and ``worker_id`` = this worker;
+        - worker-declared instances of this worker that are no longer reported are deleted;
+        - the routing revision is bumped.
+        """
+
+    @abc.abstractmethod
+    async def list_workers(self) -> list[WorkerRecord]:
+        """All workers, each with heartbeat_age computed against the store clock."""
+
+    @abc.abstractmethod
+    async def get_worker(self, worker_id: str) -> WorkerRecord | None: ...
+
+    @abc.abstractmethod
+    async def delete_worker(self, worker_id: str) -> bool:
+        """Delete a worker and the instances it declared itself; bumps the revision."""
+
+    @abc.abstractmethod
+    async def delete_dead_workers(self, older_than: float) -> list[str]:
+        """Delete workers whose heartbeat_age exceeds ``older_than`` seconds (GC).
+
+        The age test and the delete are one statement, so a worker that heartbeats
+        concurrently is never deleted."""
+
+    # -- instances -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_instance(self, spec: InstanceSpec) -> Instance:
+        """Insert a new instance (state pending). Raises StoreError if the id exists."""
+
+    @abc.abstractmethod
+    async def get_instance(self, instance_id: str) -> Instance | None: ...
+
+    @abc.abstractmethod
+    async def list_instances(
+        self, *, worker_id: str | None = None, model: str | None = None
+    ) -> list[Instance]: ...
+
+    @abc.abstractmethod
+    async def update_instance(self, instance_id: str, **fields: object) -> Instance | None:
+        """Change spec fields (see SPEC_FIELDS) or ``state``/``last_error``; bumps the revision."""
+
+    @abc.abstractmethod
+    async def delete_instance(self, instance_id: str) -> bool: ...
+
+    # -- deployments ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_deployment(self, deployment: Deployment) -> Deployment:
+        """Create or replace (upsert) a deployment by name; bumps the revision."""
+
+    @abc.abstractmethod
+    async def get_deployment(self, name: str) -> Deployment | None: ...
+
+    @abc.abstractmethod
+    async def list_deployments(self) -> list[Deployment]: ...
+
+    @abc.abstractmethod
+    async def delete_deployment(self, name: str) -> bool: ...
+
+    # -- leases --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        """Take the lease if free or expired, or renew it if ``holder`` has it.
+
+        Returns the lease when ``holder`` holds it after the call, else None. The fencing
+        token grows every time the lease changes hands and never decreases."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Expire the lease now if ``holder`` has it (clean shutdown)."""
+
+    @abc.abstractmethod
+    async def get_lease(self, name: str) -> Lease | None:
+        """The current lease, or None when nobody holds an unexpired one."""
+
+    # -- routing revision ----------------------------------------------------------
+    @abc.abstractmethod
+    async def get_revision(self) -> int: ...
+
+    @abc.abstractmethod
+    async def bump_revision(self) -> int:
+        """Atomically increment the routing revision and return the new value."""
+
+    # -- api keys ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_api_key(self, key: ApiKey) -> ApiKey: ...
+
+    @abc.abstractmethod
+    async def list_api_keys(self) -> list[ApiKey]: ...
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str) -> bool:
+        """Mark the key revoked; bumps the revision so gateways drop it on their next refresh."""

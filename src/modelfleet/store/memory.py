@@ -1,0 +1,230 @@
+"""In-process store for tests and single-process use. Its clock is this process's clock.
+
+Every method runs without an ``await`` between read and write, so on one event loop each
+call is atomic, as the contract requires."""
+
+from __future__ import annotations
+
+import time
+
+from modelfleet.models import (
+    ApiKey,
+    Deployment,
+    Instance,
+    InstanceSpec,
+    InstanceStatus,
+    Lease,
+    WorkerInfo,
+    WorkerRecord,
+)
+from modelfleet.store.base import SPEC_FIELDS, HeartbeatResult, Store, StoreError
+
+STATUS_FIELDS = ("state", "endpoint", "restarts", "last_error")
+
+
+class MemoryStore(Store):
+    url_scheme = "memory"
+
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerRecord] = {}
+        self._instances: dict[str, Instance] = {}
+        self._deployments: dict[str, Deployment] = {}
+        self._leases: dict[str, tuple[str, int, float]] = {}  # name -> (holder, token, expires_at)
+        self._keys: dict[str, ApiKey] = {}
+        self._revision = 0
+
+    async def migrate(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def now(self) -> float:
+        return time.time()
+
+    async def close(self) -> None:
+        return None
+
+    def _bump(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    # -- workers
+    async def heartbeat(self, worker: WorkerInfo, statuses: list[InstanceStatus] | None = None) -> HeartbeatResult:
+        now = time.time()
+        old = self._workers.get(worker.id)
+        registered = old is None
+        self._workers[worker.id] = WorkerRecord(
+            **worker.model_dump(), last_heartbeat=now, registered_at=old.registered_at if old else now
+        )
+        if registered:
+            self._bump()
+        if statuses is not None:
+            reported = set()
+            for st in statuses:
+                reported.add(st.id)
+                inst = self._instances.get(st.id)
+                if inst is None and st.model:
+                    inst = Instance(
+                        id=st.id,
+                        model=st.model,
+                        worker_id=worker.id,
+                        backend=st.backend or "",
+                        source=st.source or "",
+                        max_concurrency=st.max_concurrency or 4,
+                        updated_at=now,
+                    )
+                    self._instances[st.id] = inst
+                if inst is None:
+                    continue
+                for f in STATUS_FIELDS:
+                    setattr(inst, f, getattr(st, f))
+                inst.updated_at = now
+            for iid, inst in list(self._instances.items()):
+                if inst.worker_id == worker.id and inst.deployment is None and iid not in reported:
+                    del self._instances[iid]
+            self._bump()
+        return HeartbeatResult(registered=registered, revision=self._revision)
+
+    def _aged(self, w: WorkerRecord, now: float) -> WorkerRecord:
+        return w.model_copy(update={"heartbeat_age": max(0.0, now - w.last_heartbeat)})
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        now = time.time()
+        return [self._aged(w, now) for w in sorted(self._workers.values(), key=lambda w: w.id)]
+
+    async def get_worker(self, worker_id: str) -> WorkerRecord | None:
+        w = self._workers.get(worker_id)
+        return self._aged(w, time.time()) if w else None
+
+    async def delete_worker(self, worker_id: str) -> bool:
+        if self._workers.pop(worker_id, None) is None:
+            return False
+        for iid, inst in list(self._instances.items()):
+            if inst.worker_id == worker_id and inst.deployment is None:
+                del self._instances[iid]
+        self._bump()
+        return True
+
+    async def delete_dead_workers(self, older_than: float) -> list[str]:
+        now = time.time()
+        dead = [w.id for w in self._workers.values() if now - w.last_heartbeat > older_than]
+        for wid in dead:
+            await self.delete_worker(wid)
+        return dead
+
+    # -- instances
+    async def create_instance(self, spec: InstanceSpec) -> Instance:
+        if spec.id in self._instances:
+            raise StoreError(f"instance {spec.id} exists")
+        inst = Instance(**spec.model_dump(), updated_at=time.time())
+        self._instances[spec.id] = inst
+        self._bump()
+        return inst.model_copy()
+
+    async def get_instance(self, instance_id: str) -> Instance | None:
+        inst = self._instances.get(instance_id)
+        return inst.model_copy() if inst else None
+
+    async def list_instances(self, *, worker_id: str | None = None, model: str | None = None) -> list[Instance]:
+        out = [
+            i.model_copy()
+            for i in self._instances.values()
+            if (worker_id is None or i.worker_id == worker_id) and (model is None or i.model == model)
+        ]
+        return sorted(out, key=lambda i: i.id)
+
+    async def update_instance(self, instance_id: str, **fields: object) -> Instance | None:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return None
+        allowed = SPEC_FIELDS | {"state", "last_error"}
+        for k, v in fields.items():
+            if k not in allowed:
+                raise StoreError(f"field {k} cannot be updated")
+            setattr(inst, k, v)
+        inst.updated_at = time.time()
+        self._bump()
+        return inst.model_copy()
+
+    async def delete_instance(self, instance_id: str) -> bool:
+        if self._instances.pop(instance_id, None) is None:
+            return False
+        self._bump()
+        return True
+
+    # -- deployments
+    async def put_deployment(self, deployment: Deployment) -> Deployment:
+        now = time.time()
+        old = self._deployments.get(deployment.name)
+        d = deployment.model_copy(update={"created_at": old.created_at if old else now, "updated_at": now})
+        self._deployments[d.name] = d
+        self._bump()
+        return d.model_copy()
+
+    async def get_deployment(self, name: str) -> Deployment | None:
+        d = self._deployments.get(name)
+        return d.model_copy() if d else None
+
+    async def list_deployments(self) -> list[Deployment]:
+        return [d.model_copy() for _, d in sorted(self._deployments.items())]
+
+    async def delete_deployment(self, name: str) -> bool:
+        if self._deployments.pop(name, None) is None:
+            return False
+        self._bump()
+        return True
+
+    # -- leases
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        now = time.time()
+        cur = self._leases.get(name)
+        if cur is None:
+            self._leases[name] = (holder, 1, now + ttl)
+        elif cur[0] == holder and cur[2] > now:
+            self._leases[name] = (holder, cur[1], now + ttl)
+        elif cur[2] <= now:
+            self._leases[name] = (holder, cur[1] + 1, now + ttl)
+        else:
+            return None
+        h, token, exp = self._leases[name]
+        return Lease(name=name, holder=h, token=token, expires_in=exp - now)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        cur = self._leases.get(name)
+        if cur and cur[0] == holder:
+            self._leases[name] = (holder, cur[1], time.time())
+
+    async def get_lease(self, name: str) -> Lease | None:
+        now = time.time()
+        cur = self._leases.get(name)
+        if cur is None or cur[2] <= now:
+            return None
+        return Lease(name=name, holder=cur[0], token=cur[1], expires_in=cur[2] - now)
+
+    # -- revision
+    async def get_revision(self) -> int:
+        return self._revision
+
+    async def bump_revision(self) -> int:
+        return self._bump()
+
+    # -- api keys
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        if key.id in self._keys:
+            raise StoreError(f"api key {key.id} exists")
+        k = key.model_copy(update={"created_at": time.time()})
+        self._keys[k.id] = k
+        self._bump()
+        return k.model_copy()
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        return [k.model_copy() for _, k in sorted(self._keys.items())]
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        k = self._keys.get(key_id)
+        if k is None:
+            return False
+        k.revoked = True
+        self._bump()
+        return True
