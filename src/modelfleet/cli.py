@@ -1,0 +1,277 @@
+"""The `modelfleet` command. Tables for people, --json for scripts; every flag has a MODELFLEET_* variable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelfleet.client import ClusterError, ControllerClient
+from modelfleet.config import (
+    DEFAULT_CONTROLLER_PORT,
+    DEFAULT_GATEWAY_PORT,
+    DEFAULT_RUNNER_PORT_START,
+    DEFAULT_WORKER_PORT,
+    default_store_url,
+    split_controllers,
+)
+
+app = typer.Typer(help="modelfleet: one OpenAI-compatible endpoint in front of many machines.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for inference (the store keeps only their hash).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console()
+err_console = Console(stderr=True)
+
+ControllerOpt = Annotated[
+    str, typer.Option("--controller", "-c", envvar="MODELFLEET_CONTROLLER", help="Controller URL(s), comma-separated.")
+]
+AdminTokenOpt = Annotated[
+    str | None, typer.Option("--admin-token", envvar="MODELFLEET_ADMIN_TOKEN", help="Admin token of the cluster.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DEFAULT_CONTROLLER = f"http://127.0.0.1:{DEFAULT_CONTROLLER_PORT}"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise typer.BadParameter(f"{what} must be key=value, got {item!r}")
+        out[k] = v
+    return out
+
+
+def parse_param_value(v: str) -> Any:
+    """--param n_ctx=2048 -> 2048; true/false -> bool; anything else stays a string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def client(controller: str, admin_token: str | None) -> ControllerClient:
+    return ControllerClient(split_controllers(controller), admin_token)
+
+
+def fail(msg: str) -> None:
+    err_console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(1)
+
+
+def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ClusterError as exc:
+        fail(str(exc))
+
+
+def human_bytes(n: int | float | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[("-" if v is None else str(v)) for v in r])
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- roles
+@app.command()
+def controller(
+    store: Annotated[str, typer.Option(envvar="MODELFLEET_STORE", help="Store URL.")] = "",
+    host: Annotated[str, typer.Option(envvar="MODELFLEET_HOST")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar="MODELFLEET_PORT")] = DEFAULT_CONTROLLER_PORT,
+    admin_token: AdminTokenOpt = None,
+    join_token: Annotated[str | None, typer.Option(envvar="MODELFLEET_JOIN_TOKEN")] = None,
+    heartbeat_interval: Annotated[float, typer.Option(envvar="MODELFLEET_HEARTBEAT_INTERVAL")] = 2.0,
+    missed_heartbeats: Annotated[
+        int, typer.Option(envvar="MODELFLEET_MISSED_HEARTBEATS", help="Dead after this many missed intervals.")
+    ] = 3,
+    lease_ttl: Annotated[float, typer.Option(envvar="MODELFLEET_LEASE_TTL")] = 10.0,
+    grace: Annotated[
+        float, typer.Option(envvar="MODELFLEET_RESCHEDULE_GRACE", help="Move replicas of a worker dead this long.")
+    ] = 30.0,
+    moves_per_minute: Annotated[int, typer.Option(envvar="MODELFLEET_MOVES_PER_MINUTE")] = 10,
+    controller_id: Annotated[str, typer.Option(envvar="MODELFLEET_CONTROLLER_ID")] = "",
+    log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run a controller: cluster state in a store, answers workers and gateways."""
+    from modelfleet.controller.api import ControllerSettings, run_controller
+
+    setup_logging(log_level)
+    run_controller(
+        ControllerSettings(
+            store_url=store or default_store_url(), host=host, port=port, admin_token=admin_token,
+            join_token=join_token, heartbeat_interval=heartbeat_interval, missed_heartbeats=missed_heartbeats,
+            lease_ttl=lease_ttl, controller_id=controller_id, reschedule_grace=grace,
+            moves_per_minute=moves_per_minute,
+        )
+    )
+
+
+@app.command()
+def worker(
+    controller: ControllerOpt = DEFAULT_CONTROLLER,
+    join_token: Annotated[str | None, typer.Option(envvar="MODELFLEET_JOIN_TOKEN")] = None,
+    admin_token: AdminTokenOpt = None,
+    name: Annotated[str, typer.Option(envvar="MODELFLEET_WORKER_NAME", help="Unique worker name.")] = "",
+    address: Annotated[
+        str, typer.Option(envvar="MODELFLEET_ADDRESS", help="Address others use to reach this machine.")
+    ] = "127.0.0.1",
+    host: Annotated[str, typer.Option(envvar="MODELFLEET_HOST", help="Bind address.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar="MODELFLEET_PORT")] = DEFAULT_WORKER_PORT,
+    heartbeat_interval: Annotated[float, typer.Option(envvar="MODELFLEET_HEARTBEAT_INTERVAL")] = 2.0,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", envvar="MODELFLEET_MODELS", help="NAME[=BACKEND:SOURCE], repeatable."),
+    ] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="k=v, repeatable.")] = None,
+    runner_port_start: Annotated[int, typer.Option(envvar="MODELFLEET_RUNNER_PORT_START")] = DEFAULT_RUNNER_PORT_START,
+    startup_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_STARTUP_TIMEOUT")] = 600.0,
+    log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run a worker agent: registers with a controller, runs model instances on this machine."""
+    from modelfleet.worker.agent import WorkerSettings, run_worker
+
+    setup_logging(log_level)
+    run_worker(
+        WorkerSettings(
+            controllers=split_controllers(controller), join_token=join_token, admin_token=admin_token, name=name,
+            address=address, host=host, port=port, heartbeat_interval=heartbeat_interval, models=model or [],
+            labels=parse_kv(label, "--label"), runner_port_start=runner_port_start, startup_timeout=startup_timeout,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- reads
+@app.command()
+def workers(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+            as_json: JsonOpt = False) -> None:
+    """Workers with their resources, heartbeat age and health."""
+    data = call(client(controller, admin_token).get, "/v1/cluster/workers")["data"]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    rows = []
+    for w in data:
+        r = w["resources"]
+        gpus = ", ".join(f"{g['index']}:{g['name']} {human_bytes(g['memory_free'])}/{human_bytes(g['memory_total'])}"
+                         for g in r.get("gpus", [])) or "-"
+        rows.append([w["name"], f"{w['address']}:{w['port']}", "alive" if w["alive"] else "DEAD",
+                     f"{w['heartbeat_age']:.1f}s", r["cpu_cores"],
+                     f"{human_bytes(r['memory_free'])}/{human_bytes(r['memory_total'])}", gpus, w["instances"],
+                     ",".join(f"{k}={v}" for k, v in w.get("labels", {}).items()) or "-"])
+    print_table("workers", ["name", "address", "health", "heartbeat", "cpus", "memory free/total", "gpus",
+                            "instances", "labels"], rows)
+
+
+@app.command()
+def instances(
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None, as_json: JsonOpt = False,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    worker: Annotated[str | None, typer.Option(help="Only this worker.")] = None,
+    logs: Annotated[str | None, typer.Option("--logs", help="Print the last log lines of this instance.")] = None,
+    lines: Annotated[int, typer.Option(help="How many log lines.")] = 50,
+) -> None:
+    """Model instances: state, worker, endpoint, restarts, last error (or --logs ID)."""
+    c = client(controller, admin_token)
+    if logs:
+        data = call(c.get, f"/v1/cluster/instances/{logs}/logs", lines=lines)
+        if as_json:
+            print(json.dumps(data, indent=2))
+        else:
+            for line in data["lines"]:
+                print(line)
+        return
+    data = call(c.get, "/v1/cluster/instances", model=model, worker=worker)["data"]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    rows = []
+    for i in data:
+        state = i["state"] if i["enabled"] or i["state"] != "ready" else "ready (disabled)"
+        why = i.get("last_error") or i.get("pending_reason") or ""
+        rows.append([i["id"], i["model"], i["backend"], state, i["worker_id"], i["endpoint"], i["restarts"],
+                     why.splitlines()[0][:80] if why else None])
+    print_table("instances", ["id", "model", "backend", "state", "worker", "endpoint", "restarts", "last error"], rows)
+
+
+@app.command()
+def models(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Models the cluster serves, with ready replicas."""
+    data = call(client(controller, admin_token).get, "/v1/cluster/models")["data"]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "deployed"],
+                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"], m["deployed"]] for m in data])
+
+
+# --------------------------------------------------------------------------- keys
+@keys_app.command("create")
+def keys_create(name: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Create an API key. The key is printed once; the store keeps only its hash."""
+    data = call(client(controller, admin_token).request, "POST", "/v1/cluster/keys", json={"name": name})
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console.print(f"created key [bold]{data['id']}[/bold] ({data['name']}). Save it now; it is not shown again:")
+    print(data["key"])
+
+
+@keys_app.command("list")
+def keys_list(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """List API keys (ids and names, never secrets)."""
+    data = call(client(controller, admin_token).get, "/v1/cluster/keys")["data"]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    print_table("api keys", ["id", "name", "revoked"], [[k["id"], k["name"], k["revoked"]] for k in data])
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, controller: ControllerOpt = DEFAULT_CONTROLLER,
+                admin_token: AdminTokenOpt = None) -> None:
+    """Revoke an API key: every gateway refuses it after its next route refresh."""
+    call(client(controller, admin_token).request, "DELETE", f"/v1/cluster/keys/{key_id}")
+    console.print(f"revoked {key_id}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+"""The controller: cluster state over HTTP, backed by a Store.
+
+Every controller serves reads and writes; the lease holder also runs the singleton loops.
+Routes for gateways are long-polled (``GET /v1/cluster/routes?since=REV&wait=S``); a
+watcher on every controller bumps the routing revision when the set of alive workers
+changes, because liveness is computed on read and so changes without any write."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from modelfleet import __version__
+from modelfleet.auth import check_token, new_api_key
+from modelfleet.config import DEFAULT_CONTROLLER_PORT, default_store_url, hostname
+from modelfleet.controller.lease import LEADER_LEASE, LeaderElector, SingletonLoop
+from modelfleet.controller.routes import build_route_table
+from modelfleet.errors import ApiError, install_error_handlers
+from modelfleet.health import alive_worker_ids, is_alive, worker_ttl
+from modelfleet.metrics import (
+    CONTROLLER_GC_DELETED,
+    CONTROLLER_HEARTBEAT_SECONDS,
+    CONTROLLER_HEARTBEATS,
+    CONTROLLER_INSTANCE_EVENTS,
+    CONTROLLER_REVISION,
+    CONTROLLER_ROUTE_WAITERS,
+    CONTROLLER_STORE_UP,
+    CONTROLLER_WORKERS,
+    metrics_response,
+)
+from modelfleet.models import (
+    ApiKey,
+    Deployment,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+    Placement,
+    WorkerInfo,
+)
+from modelfleet.store import Store, StoreError, StoreUnavailable, describe_url, open_store
+
+log = logging.getLogger("modelfleet.controller")
+
+
+@dataclass
+class ControllerSettings:
+    store_url: str = field(default_factory=default_store_url)
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_CONTROLLER_PORT
+    admin_token: str | None = None
+    join_token: str | None = None
+    heartbeat_interval: float = 2.0
+    missed_heartbeats: int = 3
+    lease_ttl: float = 10.0
+    # Workers dead this long are deleted by the leader (their rows only; deployments stay).
+    gc_dead_after: float = 24 * 3600.0
+    # Replicas of a worker dead longer than this are moved (reconciler, leader only).
+    reschedule_grace: float = 30.0
+    moves_per_minute: int = 10
+    controller_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.controller_id:
+            self.controller_id = f"{hostname()}:{self.port}:{uuid.uuid4().hex[:6]}"
+
+    @property
+    def worker_ttl(self) -> float:
+        return worker_ttl(self.heartbeat_interval, self.missed_heartbeats)
+
+
+class HeartbeatIn(BaseModel):
+    worker: WorkerInfo
+    # None when nothing changed since the worker's last accepted report: a one-write heartbeat.
+    instances: list[InstanceStatus] | None = None
+    # The routing revision the worker last saw; assignments are re-read only when it moved.
+    known_revision: int = -1
+
+
+class DeploymentIn(BaseModel):
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    backend: str = "llama.cpp"
+    source: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    replicas: int = Field(default=1, ge=0, le=1000)
+    max_concurrency: int = Field(default=4, ge=1)
+    placement: Placement = Field(default_factory=Placement)
+    weight: int = Field(default=100, ge=0)
+
+
+class DeploymentPatch(BaseModel):
+    replicas: int | None = Field(default=None, ge=0, le=1000)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    weight: int | None = Field(default=None, ge=0)
+    params: dict[str, Any] | None = None
+    placement: Placement | None = None
+
+
+class InstanceEventIn(BaseModel):
+    event: str = Field(pattern="^(ejected|restored)$")
+    reason: str = ""
+    gateway: str = ""
+
+
+class KeyIn(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+
+
+class RevisionWatcher:
+    """One store poll shared by every long-polling gateway on this controller."""
+
+    def __init__(self, store: Store, poll_interval: float = 0.2) -> None:
+        self.store, self.poll_interval = store, poll_interval
+        self.revision = -1
+        self._changed = asyncio.Condition()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                rev = await self.store.get_revision()
+                if rev != self.revision:
+                    self.revision = rev
+                    CONTROLLER_REVISION.set(rev)
+                    async with self._changed:
+                        self._changed.notify_all()
+            except StoreError:
+                pass  # readiness reports the outage; gateways keep their table
+            await asyncio.sleep(self.poll_interval)
+
+    async def wait_past(self, since: int, wait: float) -> bool:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.revision > since), wait)
+                return True
+            except TimeoutError:
+                return False
+
+
+class Controller:
+    """State and background loops of one controller process."""
+
+    def __init__(self, settings: ControllerSettings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings.store_url)
+        self.ready = False
+        self.not_ready_reason = "starting"
+        self.revisions = RevisionWatcher(self.store)
+        self.extra_singletons: list[SingletonLoop] = []
+        self.elector = LeaderElector(self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop])
+        self._alive: set[str] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._route_cache: tuple[int, dict[str, Any]] | None = None
+
+    def add_singleton(self, loop: SingletonLoop) -> None:
+        self.elector.loops.append(loop)
+
+    async def start(self) -> None:
+        await self.store.migrate()
+        await self._set_ready(True, "")
+        self._tasks = [
+            asyncio.create_task(self.revisions.run()),
+            asyncio.create_task(self.readiness_loop()),
+            asyncio.create_task(self.health_watch_loop()),
+            asyncio.create_task(self.elector.run()),
+        ]
+        log.info("controller %s serving, store %s", self.settings.controller_id,
+                 describe_url(self.settings.store_url))
+
+    async def stop(self) -> None:
+        for t in reversed(self._tasks):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.store.close()
+
+    async def _set_ready(self, ready: bool, reason: str) -> None:
+        if ready != self.ready:
+            log.info("controller %s: store %s", "ready" if ready else "NOT ready",
+                     "reachable" if ready else f"unavailable: {reason}")
+        self.ready, self.not_ready_reason = ready, reason
+        CONTROLLER_STORE_UP.set(1 if ready else 0)
+
+    async def readiness_loop(self) -> None:
+        """Ready = store reachable and migrated. After an outage, re-migrate (idempotent)."""
+        while True:
+            try:
+                if not self.ready:
+                    await self.store.migrate()
+                await self.store.ping()
+                await self._set_ready(True, "")
+            except (StoreError, OSError) as exc:
+                await self._set_ready(False, str(exc) or type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+    async def health_watch_loop(self) -> None:
+        """Liveness changes without a write; bump the revision so gateways re-read routes."""
+        interval = max(0.25, self.settings.heartbeat_interval / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                workers = await self.store.list_workers()
+            except StoreError:
+                continue
+            alive = alive_worker_ids(workers, self.settings.worker_ttl)
+            CONTROLLER_WORKERS.labels("alive").set(len(alive))
+            CONTROLLER_WORKERS.labels("dead").set(len(workers) - len(alive))
+            if self._alive is not None and alive != self._alive:
+                for wid in sorted(self._alive - alive):
+                    log.info("worker %s is dead (no heartbeat for %.1f s)", wid, self.settings.worker_ttl)
+                for wid in sorted(alive - self._alive):
+                    log.info("worker %s is alive", wid)
+                with contextlib.suppress(StoreError):
+                    await self.store.bump_revision()
+            self._alive = alive
+
+    async def gc_loop(self, token: int) -> None:
+        """Leader only: delete workers dead for a long time (their declared instances go too)."""
+        while True:
+            try:
+                deleted = await self.store.delete_dead_workers(self.settings.gc_dead_after)
+            except StoreError:
+                deleted = []
+            for wid in deleted:
+                CONTROLLER_GC_DELETED.inc()
+                log.info("worker %s deleted after %.0f s dead (leader token %d)",
+                         wid, self.settings.gc_dead_after, token)
+            await asyncio.sleep(max(5.0, min(60.0, self.settings.gc_dead_after / 10)))
+
+    async def route_table(self, revision: int) -> dict[str, Any]:
+        if self._route_cache and self._route_cache[0] == revision:
+            return self._route_cache[1]
+        workers, instances, deployments, keys, now = await asyncio.gather(
+            self.store.list_workers(), self.store.list_instances(), self.store.list_deployments(),
+            self.store.list_api_keys(), self.store.now(),
+        )
+        table = build_route_table(
+            revision=revision, store_time=now, controller_id=self.settings.controller_id,
+            ttl=self.settings.worker_ttl, workers=workers, instances=instances,
+            deployments=deployments, api_keys=keys,
+        )
+        self._route_cache = (revision, table)
+        return table
+
+
+def _store_call_error(exc: Exception) -> ApiError:
+    return ApiError(503, f"store unavailable: {exc or type(exc).__name__}", code="store_unavailable")
+
+
+def create_app(settings: ControllerSettings, store: Store | None = None) -> FastAPI:
+    ctl = Controller(settings, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await ctl.start()
+        try:
+            yield
+        finally:
+            await ctl.stop()
+
+    app = FastAPI(title="modelfleet controller", version=__version__, lifespan=lifespan)
+    app.state.controller = ctl
+    install_error_handlers(app)
+    s = settings
+
+    def admin(request: Request) -> None:
+        check_token(request, [s.admin_token], what="admin token")
+
+    def cluster_read(request: Request) -> None:
+        # Reads of cluster state: the admin token, or the join token (gateways and workers).
+        check_token(request, [s.admin_token, s.join_token] if s.admin_token else [], what="admin token")
+
+    def join(request: Request) -> None:
+        check_token(request, [s.join_token], what="join token", missing_status=403)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_: Request, exc: StoreError) -> Response:
+        err = _store_call_error(exc)
+        from modelfleet.errors import error_response
+
+        return error_response(err.status, err.message, code=err.code)
+
+    # -- health & metrics ---------------------------------------------------------------
+    @app.get("/health/live")
+    async def live() -> dict[str, Any]:
+        return {"live": True, "controller_id": s.controller_id}
+
+    @app.get("/health/ready")
+    async def ready(response: Response) -> dict[str, Any]:
+        if not ctl.ready:
+            response.status_code = 503
+        return {"ready": ctl.ready, "reason": ctl.not_ready_reason or None, "controller_id": s.controller_id,
+                "leader": ctl.elector.is_leader, "store": describe_url(s.store_url)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response()
+
+    # -- workers ------------------------------------------------------------------------
+    @app.post("/v1/cluster/heartbeat")
+    async def heartbeat(body: HeartbeatIn, request: Request) -> dict[str, Any]:
+        join(request)
+        t0 = time.perf_counter()
+        if not ctl.ready:
+            CONTROLLER_HEARTBEATS.labels("store_down").inc()
+            raise ApiError(503, f"store unavailable: {ctl.not_ready_reason}", code="store_unavailable")
+        try:
+            result = await ctl.store.heartbeat(body.worker, body.instances)
+            assignments = None
+            if result.registered or result.revision != body.known_revision or body.instances is not None:
+                assigned = await ctl.store.list_instances(worker_id=body.worker.id)
+                assignments = [
+                    InstanceSpec.model_validate(i.model_dump()).model_dump()
+                    for i in assigned if i.deployment is not None
+                ]
+        except StoreError as exc:
+            CONTROLLER_HEARTBEATS.labels("store_down").inc()
+            raise _store_call_error(exc) from exc
+        if result.registered:
+            log.info("worker %s registered (%s:%d)", body.worker.id, body.worker.address, body.worker.port)
+        CONTROLLER_HEARTBEATS.labels("ok").inc()
+        CONTROLLER_HEARTBEAT_SECONDS.observe(time.perf_counter() - t0)
+        return {
+            "registered": result.registered,
+            "revision": result.revision,
+            "assignments": assignments,
+            "heartbeat_interval": s.heartbeat_interval,
+            "controller_id": s.controller_id,
+        }
+
+    def worker_view(w: Any, instance_count: int) -> dict[str, Any]:
+        d = w.model_dump()
+        d["alive"] = is_alive(w.heartbeat_age, s.worker_ttl)
+        d["instances"] = instance_count
+        return d
+
+    @app.get("/v1/cluster/workers")
+    async def list_workers(request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        workers, instances = await asyncio.gather(ctl.store.list_workers(), ctl.store.list_instances())
+        counts: dict[str | None, int] = {}
+        for i in instances:
+            counts[i.worker_id] = counts.get(i.worker_id, 0) + 1
+        return {"data": [worker_view(w, counts.get(w.id, 0)) for w in workers], "ttl": s.worker_ttl}
+
+    @app.get("/v1/cluster/workers/{worker_id}")
+    async def get_worker(worker_id: str, request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        w = await ctl.store.get_worker(worker_id)
+        if w is None:
+            raise ApiError(404, f"worker {worker_id} not found")
+        return worker_view(w, len(await ctl.store.list_instances(worker_id=worker_id)))
+
+    @app.delete("/v1/cluster/workers/{worker_id}")
+    async def delete_worker(worker_id: str, request: Request) -> Response:
+        admin(request)
+        if not await ctl.store.delete_worker(worker_id):
+            raise ApiError(404, f"worker {worker_id} not found")
+        return Response(status_code=204)
+
+    # -- instances ----------------------------------------------------------------------
+    async def instance_views(worker_id: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+        workers, instances = await asyncio.gather(
+            ctl.store.list_workers(), ctl.store.list_instances(worker_id=worker_id, model=model)
+        )
+        alive = alive_worker_ids(workers, s.worker_ttl)
+        out = []
+        for i in instances:
+            d = i.model_dump()
+            d["worker_alive"] = i.worker_id in alive if i.worker_id else None
+            out.append(d)
+        return out
+
+    @app.get("/v1/cluster/instances")
+    async def list_instances(request: Request, worker: str | None = None, model: str | None = None
+                             ) -> dict[str, Any]:
+        cluster_read(request)
+        return {"data": await instance_views(worker, model)}
+
+    @app.get("/v1/cluster/instances/{instance_id:path}/logs")
+    async def instance_logs(instance_id: str, request: Request, lines: int = Query(100, ge=1, le=5000)
+                            ) -> dict[str, Any]:
+        """Runner logs live on the worker's disk; fetch them from its agent."""
+        cluster_read(request)
+        inst = await ctl.store.get_instance(instance_id)
+        if inst is None or inst.worker_id is None:
+            raise ApiError(404, f"instance {instance_id} not found or not placed")
+        w = await ctl.store.get_worker(inst.worker_id)
+        if w is None:
+            raise ApiError(404, f"worker {inst.worker_id} not found")
+        headers = {"authorization": f"Bearer {s.join_token}"} if s.join_token else {}
+        url = f"http://{w.address}:{w.port}/v1/instances/{instance_id}/logs"
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                r = await client.get(url, params={"lines": lines}, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ApiError(502, f"worker {w.id} at {w.address}:{w.port} did not answer: {exc}") from exc
+        if r.status_code != 200:
+            raise ApiError(502, f"worker {w.id} answered {r.status_code} for logs")
+        return r.json()
+
+    @app.post("/v1/cluster/instances/{instance_id:path}/events", status_code=204)
+    async def instance_event(instance_id: str, body: InstanceEventIn, request: Request) -> Response:
+        cluster_read(request)
+        CONTROLLER_INSTANCE_EVENTS.labels(body.event).inc()
+        log.info("gateway %s reports instance %s %s: %s", body.gateway or "?", instance_id, body.event,
+                 body.reason[:200])
+        return Response(status_code=204)
+
+    @app.get("/v1/cluster/instances/{instance_id:path}")
+    async def get_instance(instance_id: str, request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        inst = await ctl.store.get_instance(instance_id)
+        if inst is None:
+            raise ApiError(404, f"instance {instance_id} not found")
+        return inst.model_dump()
+
+    @app.get("/v1/cluster/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        instances, deployments = await asyncio.gather(ctl.store.list_instances(), ctl.store.list_deployments())
+        names = sorted({d.name for d in deployments} | {i.model for i in instances})
+        deps = {d.name: d for d in deployments}
+        data = []
+        for n in names:
+            mine = [i for i in instances if i.model == n]
+            data.append({
+                "name": n,
+                "backend": deps[n].backend if n in deps else (mine[0].backend if mine else None),
+                "replicas": deps[n].replicas if n in deps else len(mine),
+                "ready": sum(1 for i in mine if i.state == InstanceState.READY),
+                "instances": len(mine),
+                "deployed": n in deps,
+            })
+        return {"data": data}
+
+    # -- deployments --------------------------------------------------------------------
+    @app.get("/v1/cluster/deployments")
+    async def list_deployments(request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        return {"data": [d.model_dump() for d in await ctl.store.list_deployments()]}
+
+    @app.post("/v1/cluster/deployments", status_code=201)
+    async def create_deployment(body: DeploymentIn, request: Request) -> dict[str, Any]:
+        admin(request)
+        if await ctl.store.get_deployment(body.name) is not None:
+            raise ApiError(409, f"deployment {body.name} exists; change it with PATCH or `modelfleet scale`")
+        d = await ctl.store.put_deployment(Deployment(**body.model_dump()))
+        log.info("deployment %s created (%s, %d replicas)", d.name, d.backend, d.replicas)
+        return d.model_dump()
+
+    @app.get("/v1/cluster/deployments/{name:path}")
+    async def get_deployment(name: str, request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        d = await ctl.store.get_deployment(name)
+        if d is None:
+            raise ApiError(404, f"deployment {name} not found")
+        return d.model_dump()
+
+    @app.patch("/v1/cluster/deployments/{name:path}")
+    async def patch_deployment(name: str, body: DeploymentPatch, request: Request) -> dict[str, Any]:
+        admin(request)
+        d = await ctl.store.get_deployment(name)
+        if d is None:
+            raise ApiError(404, f"deployment {name} not found")
+        changes = body.model_dump(exclude_none=True)
+        d = await ctl.store.put_deployment(d.model_copy(update=changes))
+        log.info("deployment %s changed: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return d.model_dump()
+
+    @app.delete("/v1/cluster/deployments/{name:path}")
+    async def delete_deployment(name: str, request: Request) -> Response:
+        admin(request)
+        if not await ctl.store.delete_deployment(name):
+            raise ApiError(404, f"deployment {name} not found")
+        log.info("deployment %s deleted", name)
+        return Response(status_code=204)
+
+    # -- routes for gateways --------------------------------------------------------------
+    @app.get("/v1/cluster/routes")
+    async def routes(request: Request, since: int = -1, wait: float = Query(0.0, ge=0.0, le=120.0)
+                     ) -> Any:
+        cluster_read(request)
+        if ctl.revisions.revision <= since and wait > 0:
+            CONTROLLER_ROUTE_WAITERS.inc()
+            try:
+                changed = await ctl.revisions.wait_past(since, wait)
+            finally:
+                CONTROLLER_ROUTE_WAITERS.dec()
+            if not changed:
+                return Response(status_code=304)
+        revision = max(ctl.revisions.revision, await ctl.store.get_revision())
+        if revision <= since:
+            return Response(status_code=304)
+        return await ctl.route_table(revision)
+
+    @app.get("/v1/cluster/leader")
+    async def leader(request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        lease = await ctl.store.get_lease(LEADER_LEASE)
+        return {
+            "lease": lease.model_dump() if lease else None,
+            "this_controller": s.controller_id,
+            "this_is_leader": ctl.elector.is_leader,
+        }
+
+    # -- api keys -------------------------------------------------------------------------
+    @app.post("/v1/cluster/keys", status_code=201)
+    async def create_key(body: KeyIn, request: Request) -> dict[str, Any]:
+        admin(request)
+        key_id, secret, digest = new_api_key()
+        k = await ctl.store.create_api_key(ApiKey(id=key_id, name=body.name, secret_hash=digest))
+        log.info("api key %s (%s) created", k.id, k.name)
+        return {"id": k.id, "name": k.name, "key": secret, "created_at": k.created_at}
+
+    @app.get("/v1/cluster/keys")
+    async def list_keys(request: Request) -> dict[str, Any]:
+        admin(request)
+        return {"data": [k.model_dump(exclude={"secret_hash"}) for k in await ctl.store.list_api_keys()]}
+
+    @app.delete("/v1/cluster/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request) -> Response:
+        admin(request)
+        if not await ctl.store.revoke_api_key(key_id):
+            raise ApiError(404, f"api key {key_id} not found")
+        log.info("api key %s revoked", key_id)
+        return Response(status_code=204)
+
+    return app
+
+
+def run_controller(settings: ControllerSettings) -> None:
+    """Blocking: check the store URL, then serve. A wrong URL exits with one line."""
+    import uvicorn
+
+    from modelfleet.store import StoreConfigError
+
+    store = open_store(settings.store_url)
+    try:
+        asyncio.run(_check_store(store, settings.store_url))
+    except (StoreConfigError, StoreUnavailable) as exc:
+        raise SystemExit(f"modelfleet controller: cannot use store {describe_url(settings.store_url)}: {exc}") \
+            from None
+    if not settings.admin_token:
+        log.warning("controller runs WITHOUT an admin token: management calls are open to anyone who "
+                    "can reach %s:%d", settings.host, settings.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                access_log=False)
+
+
+async def _check_store(store: Store, url: str, wait: float = 10.0) -> None:
+    """At start a store must answer within ``wait`` seconds (a running controller rides outages)."""
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                await store.migrate()
+                return
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+    finally:
+        await store.close()

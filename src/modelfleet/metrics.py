@@ -1,0 +1,37 @@
+"""Prometheus metrics of the controller and worker (the gateway keeps its own in gateway/).
+
+Each role runs in its own process, so the default registry holds only that role's series."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.responses import Response
+
+CONTROLLER_HEARTBEATS = Counter(
+    "modelfleet_controller_heartbeats_total", "Worker heartbeats handled", ["result"]
+)
+CONTROLLER_HEARTBEAT_SECONDS = Histogram(
+    "modelfleet_controller_heartbeat_seconds", "Time to handle one heartbeat",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+CONTROLLER_WORKERS = Gauge("modelfleet_controller_workers", "Workers known to the store", ["health"])
+CONTROLLER_IS_LEADER = Gauge("modelfleet_controller_is_leader", "1 while this controller holds the lease")
+CONTROLLER_LEASE_TOKEN = Gauge("modelfleet_controller_lease_fencing_token", "Fencing token of the held lease")
+CONTROLLER_STORE_UP = Gauge("modelfleet_controller_store_up", "1 while the store answers and is migrated")
+CONTROLLER_REVISION = Gauge("modelfleet_controller_routing_revision", "Last routing revision seen")
+CONTROLLER_ROUTE_WAITERS = Gauge("modelfleet_controller_route_waiters", "Gateways long-polling routes now")
+CONTROLLER_GC_DELETED = Counter("modelfleet_controller_gc_workers_deleted_total", "Long-dead workers deleted")
+CONTROLLER_INSTANCE_EVENTS = Counter(
+    "modelfleet_controller_instance_events_total", "Events gateways reported about instances", ["event"]
+)
+
+WORKER_HEARTBEATS = Counter("modelfleet_worker_heartbeats_total", "Heartbeats sent", ["result"])
+WORKER_CONTROLLER_SWITCHES = Counter(
+    "modelfleet_worker_controller_switches_total", "Times the worker moved to another controller"
+)
+WORKER_INSTANCES = Gauge("modelfleet_worker_instances", "Instances on this worker", ["state"])
+WORKER_REGISTERED = Gauge("modelfleet_worker_registered", "1 while the last heartbeat was accepted")
+
+
+def metrics_response() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,244 @@
+"""The worker agent: one per machine. Heartbeats to the first healthy controller of its
+list, runs the instances it declared (``--model``) plus those the controller assigns, and
+reports their state.
+
+Failover: each heartbeat has a timeout of one interval and, on failure, is retried on the
+next controller of the list at once, so a dead controller costs at most one interval.
+The agent keeps its instances running while no controller answers: an outage of the
+control plane never stops inference."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Query, Request, Response
+
+from modelfleet import __version__
+from modelfleet.auth import check_token
+from modelfleet.config import DEFAULT_RUNNER_PORT_START, DEFAULT_WORKER_PORT, hostname, modelfleet_home
+from modelfleet.errors import ApiError, install_error_handlers
+from modelfleet.metrics import (
+    WORKER_CONTROLLER_SWITCHES,
+    WORKER_HEARTBEATS,
+    WORKER_INSTANCES,
+    WORKER_REGISTERED,
+    metrics_response,
+)
+from modelfleet.models import InstanceSpec, WorkerInfo
+from modelfleet.worker.modelspec import parse_model_flag
+from modelfleet.worker.resources import collect_resources
+from modelfleet.worker.supervisor import Supervisor
+
+log = logging.getLogger("modelfleet.worker")
+
+
+@dataclass
+class WorkerSettings:
+    controllers: list[str]
+    join_token: str | None = None
+    admin_token: str | None = None
+    name: str = ""
+    address: str = "127.0.0.1"  # what controllers and gateways use to reach this machine
+    host: str = "0.0.0.0"  # where the agent and runners bind
+    port: int = DEFAULT_WORKER_PORT
+    heartbeat_interval: float = 2.0
+    models: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    runner_port_start: int = DEFAULT_RUNNER_PORT_START
+    startup_timeout: float = 600.0
+    log_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = f"{hostname()}-{self.port}"
+        if self.log_dir is None:
+            self.log_dir = modelfleet_home() / "logs" / self.name
+
+
+def next_controller_index(current: int, count: int) -> int:
+    """Round-robin over the controller list."""
+    return (current + 1) % count if count else 0
+
+
+class WorkerAgent:
+    def __init__(self, settings: WorkerSettings) -> None:
+        if not settings.controllers:
+            raise ValueError("a worker needs at least one controller (--controller)")
+        self.s = settings
+        assert settings.log_dir is not None
+        self.supervisor = Supervisor(
+            bind_host=settings.host,
+            advertise_host=settings.address,
+            port_start=settings.runner_port_start,
+            log_dir=settings.log_dir,
+            startup_timeout=settings.startup_timeout,
+        )
+        self.declared: list[InstanceSpec] = [parse_model_flag(m, settings.name) for m in settings.models]
+        self.assigned: list[InstanceSpec] = []
+        self.controller_index = 0
+        self.registered = False
+        self.last_ok: float | None = None
+        self._sent_generation = -1  # last supervisor generation a controller accepted
+        self._known_revision = -1
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(settings.heartbeat_interval))
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def controller(self) -> str:
+        return self.s.controllers[self.controller_index]
+
+    def worker_info(self) -> WorkerInfo:
+        return WorkerInfo(
+            id=self.s.name, name=self.s.name, address=self.s.address, port=self.s.port,
+            labels=self.s.labels, resources=collect_resources(self.supervisor.held_resources()),
+            version=__version__,
+        )
+
+    async def start(self) -> None:
+        await self.supervisor.apply(self.declared)
+        self._task = asyncio.create_task(self.heartbeat_loop())
+        log.info("worker %s started: controllers %s, %d declared model(s)", self.s.name,
+                 ",".join(self.s.controllers), len(self.declared))
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.supervisor.stop_all()
+        await self._client.aclose()
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.heartbeat_once()
+            WORKER_INSTANCES.clear()
+            for st in self.supervisor.statuses():
+                WORKER_INSTANCES.labels(st.state.value).inc()
+            await asyncio.sleep(max(0.05, self.s.heartbeat_interval - (time.monotonic() - started)))
+
+    async def heartbeat_once(self) -> bool:
+        """One heartbeat, trying each controller of the list once, starting at the current one."""
+        for attempt in range(len(self.s.controllers)):
+            if attempt:
+                previous = self.controller
+                self.controller_index = next_controller_index(self.controller_index, len(self.s.controllers))
+                WORKER_CONTROLLER_SWITCHES.inc()
+                log.info("worker %s: controller %s failed, switching to %s", self.s.name, previous, self.controller)
+                # A new controller may sit on another store: report instances again.
+                self._sent_generation = -1
+            if await self._heartbeat_to(self.controller):
+                return True
+        self._set_registered(False, "no controller answered")
+        return False
+
+    async def _heartbeat_to(self, url: str) -> bool:
+        generation = self.supervisor.generation
+        send_statuses = generation != self._sent_generation
+        body: dict[str, Any] = {
+            "worker": self.worker_info().model_dump(),
+            "instances": [st.model_dump() for st in self.supervisor.statuses()] if send_statuses else None,
+            "known_revision": self._known_revision,
+        }
+        headers = {"authorization": f"Bearer {self.s.join_token}"} if self.s.join_token else {}
+        try:
+            r = await self._client.post(f"{url}/v1/cluster/heartbeat", json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            WORKER_HEARTBEATS.labels("unreachable").inc()
+            log.debug("heartbeat to %s failed: %s", url, exc)
+            return False
+        if r.status_code == 403:
+            WORKER_HEARTBEATS.labels("rejected").inc()
+            if self.registered or self.last_ok is None:
+                log.error("worker %s: controller %s rejected the join token", self.s.name, url)
+            self._set_registered(False, "join token rejected")
+            return False
+        if r.status_code != 200:
+            WORKER_HEARTBEATS.labels(f"http_{r.status_code}").inc()
+            return False
+        reply = r.json()
+        WORKER_HEARTBEATS.labels("ok").inc()
+        self.last_ok = time.monotonic()
+        if reply.get("registered") and self.registered:
+            log.info("worker %s: controller %s did not know this worker; registered again", self.s.name, url)
+        self._set_registered(True, url)
+        if send_statuses:
+            self._sent_generation = generation
+        if reply.get("registered") and not send_statuses:
+            # The store forgot us (new store, GC): send the full instance report next beat.
+            self._sent_generation = -1
+        self._known_revision = int(reply.get("revision", -1))
+        if reply.get("assignments") is not None:
+            self.assigned = [InstanceSpec.model_validate(a) for a in reply["assignments"]]
+            await self.supervisor.apply(self.declared + self.assigned)
+        return True
+
+    def _set_registered(self, value: bool, detail: str) -> None:
+        if value != self.registered:
+            log.info("worker %s: %s", self.s.name,
+                     f"registered with controller {detail}" if value else f"not registered: {detail}")
+        self.registered = value
+        WORKER_REGISTERED.set(1 if value else 0)
+
+
+def create_app(settings: WorkerSettings) -> FastAPI:
+    agent = WorkerAgent(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await agent.start()
+        try:
+            yield
+        finally:
+            await agent.stop()
+
+    app = FastAPI(title="modelfleet worker", version=__version__, lifespan=lifespan)
+    app.state.agent = agent
+    install_error_handlers(app)
+
+    def cluster_auth(request: Request) -> None:
+        check_token(request, [settings.join_token, settings.admin_token], what="join or admin token")
+
+    @app.get("/health/live")
+    async def live() -> dict[str, Any]:
+        return {"live": True, "worker": settings.name}
+
+    @app.get("/health/ready")
+    async def ready(response: Response) -> dict[str, Any]:
+        if not agent.registered:
+            response.status_code = 503
+        return {"ready": agent.registered, "controller": agent.controller, "worker": settings.name}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response()
+
+    @app.get("/v1/instances")
+    async def instances(request: Request) -> dict[str, Any]:
+        cluster_auth(request)
+        return {"data": [st.model_dump() for st in agent.supervisor.statuses()]}
+
+    @app.get("/v1/instances/{instance_id:path}/logs")
+    async def logs(instance_id: str, request: Request, lines: int = Query(100, ge=1, le=5000)) -> dict[str, Any]:
+        cluster_auth(request)
+        if instance_id not in {st.id for st in agent.supervisor.statuses()}:
+            raise ApiError(404, f"instance {instance_id} is not on worker {settings.name}")
+        return {"id": instance_id, "worker": settings.name, "lines": agent.supervisor.logs(instance_id, lines)}
+
+    return app
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                access_log=False)
