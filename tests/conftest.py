@@ -90,3 +90,13 @@ def redis_url(unique_name: str):
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Real modelfleet subprocesses, all stopped (with their process groups) at teardown."""
+    from tests.support.procs import Procs
+
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()

@@ -25,7 +25,8 @@ from modelfleet.config import (
 app = typer.Typer(help="modelfleet: one OpenAI-compatible endpoint in front of many machines.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for inference (the store keeps only their hash).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-console = Console()
+# Piped output keeps whole rows (rich would wrap at 80 columns when not on a terminal).
+console = Console() if sys.stdout.isatty() else Console(width=240)
 err_console = Console(stderr=True)
 
 ControllerOpt = Annotated[

@@ -543,9 +543,8 @@ def run_controller(settings: ControllerSettings) -> None:
 
     from modelfleet.store import StoreConfigError
 
-    store = open_store(settings.store_url)
     try:
-        asyncio.run(_check_store(store, settings.store_url))
+        asyncio.run(_check_store(open_store(settings.store_url)))
     except (StoreConfigError, StoreUnavailable) as exc:
         raise SystemExit(f"modelfleet controller: cannot use store {describe_url(settings.store_url)}: {exc}") \
             from None
@@ -556,7 +555,7 @@ def run_controller(settings: ControllerSettings) -> None:
                 access_log=False)
 
 
-async def _check_store(store: Store, url: str, wait: float = 10.0) -> None:
+async def _check_store(store: Store, wait: float = 10.0) -> None:
     """At start a store must answer within ``wait`` seconds (a running controller rides outages)."""
     deadline = time.monotonic() + wait
     try:
