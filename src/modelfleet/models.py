@@ -82,8 +82,10 @@ class InstanceStatus(BaseModel):
     endpoint: str | None = None  # base URL of the runner, e.g. http://10.0.0.2:30001
     restarts: int = 0
     last_error: str | None = None
-    # Declared needs the worker subtracts from its resource report.
-    model: str | None = None  # worker-declared instances carry their spec in status
+    # True for instances the worker declared itself (--model): the store creates their rows
+    # from this status. Assigned instances (from a deployment) are never created by a report.
+    declared: bool = False
+    model: str | None = None  # spec of a declared instance, carried in its status
     backend: str | None = None
     source: str | None = None
     max_concurrency: int | None = None

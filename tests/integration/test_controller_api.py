@@ -89,7 +89,7 @@ def test_worker_goes_dead_and_routes_follow(ctl):
     """Health is computed on read: a silent worker turns dead after 3 intervals, and the
     routes revision moves so long-polling gateways learn it."""
     httpx.post(f"{ctl}/v1/cluster/heartbeat", headers=join_h(), json=worker_body(
-        "w1", instances=[{"id": "w1/m", "state": "ready", "endpoint": "http://127.0.0.1:9", "model": "m",
+        "w1", instances=[{"id": "w1/m", "declared": True, "state": "ready", "endpoint": "http://127.0.0.1:9", "model": "m",
                           "backend": "openai", "source": "http://127.0.0.1:9", "max_concurrency": 2}]))
     routes = httpx.get(f"{ctl}/v1/cluster/routes", headers=join_h()).json()
     (m,) = routes["models"]

@@ -23,7 +23,8 @@ from pydantic import BaseModel, Field
 from modelfleet import __version__
 from modelfleet.auth import check_token, new_api_key
 from modelfleet.config import DEFAULT_CONTROLLER_PORT, default_store_url, hostname
-from modelfleet.controller.lease import LEADER_LEASE, LeaderElector, SingletonLoop
+from modelfleet.controller.lease import LEADER_LEASE, LeaderElector
+from modelfleet.controller.reconciler import Reconciler
 from modelfleet.controller.routes import build_route_table
 from modelfleet.errors import ApiError, install_error_handlers
 from modelfleet.health import alive_worker_ids, is_alive, worker_ttl
@@ -67,6 +68,8 @@ class ControllerSettings:
     # Replicas of a worker dead longer than this are moved (reconciler, leader only).
     reschedule_grace: float = 30.0
     moves_per_minute: int = 10
+    # A drained replica is stopped this long after it stopped getting new requests.
+    drain_timeout: float = 30.0
     controller_id: str = ""
 
     def __post_init__(self) -> None:
@@ -154,14 +157,16 @@ class Controller:
         self.ready = False
         self.not_ready_reason = "starting"
         self.revisions = RevisionWatcher(self.store)
-        self.extra_singletons: list[SingletonLoop] = []
-        self.elector = LeaderElector(self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop])
+        self.reconciler = Reconciler(
+            self.store, ttl=settings.worker_ttl, grace=settings.reschedule_grace,
+            moves_per_minute=settings.moves_per_minute, drain_timeout=settings.drain_timeout,
+        )
+        self.elector = LeaderElector(
+            self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop, self.reconciler.run]
+        )
         self._alive: set[str] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._route_cache: tuple[int, dict[str, Any]] | None = None
-
-    def add_singleton(self, loop: SingletonLoop) -> None:
-        self.elector.loops.append(loop)
 
     async def start(self) -> None:
         await self.store.migrate()
@@ -367,17 +372,19 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Fast
         return Response(status_code=204)
 
     # -- instances ----------------------------------------------------------------------
+    def instance_view(i: Any, worker_alive: bool | None) -> dict[str, Any]:
+        d = i.model_dump()
+        if not i.enabled and i.state in (InstanceState.READY, InstanceState.STARTING):
+            d["state"] = InstanceState.DRAINING.value  # disabled: in-flight requests finish, no new ones
+        d["worker_alive"] = worker_alive
+        return d
+
     async def instance_views(worker_id: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
         workers, instances = await asyncio.gather(
             ctl.store.list_workers(), ctl.store.list_instances(worker_id=worker_id, model=model)
         )
         alive = alive_worker_ids(workers, s.worker_ttl)
-        out = []
-        for i in instances:
-            d = i.model_dump()
-            d["worker_alive"] = i.worker_id in alive if i.worker_id else None
-            out.append(d)
-        return out
+        return [instance_view(i, i.worker_id in alive if i.worker_id else None) for i in instances]
 
     @app.get("/v1/cluster/instances")
     async def list_instances(request: Request, worker: str | None = None, model: str | None = None
@@ -415,13 +422,24 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Fast
                  body.reason[:200])
         return Response(status_code=204)
 
+    @app.post("/v1/cluster/instances/{instance_id:path}/drain")
+    async def drain_instance(instance_id: str, request: Request) -> dict[str, Any]:
+        """No new requests (gateways drop it within one refresh); stopped after the drain timeout."""
+        admin(request)
+        inst = await ctl.store.update_instance(instance_id, enabled=False)
+        if inst is None:
+            raise ApiError(404, f"instance {instance_id} not found")
+        log.info("instance %s draining", instance_id)
+        return instance_view(inst, None)
+
     @app.get("/v1/cluster/instances/{instance_id:path}")
     async def get_instance(instance_id: str, request: Request) -> dict[str, Any]:
         cluster_read(request)
         inst = await ctl.store.get_instance(instance_id)
         if inst is None:
             raise ApiError(404, f"instance {instance_id} not found")
-        return inst.model_dump()
+        w = await ctl.store.get_worker(inst.worker_id) if inst.worker_id else None
+        return instance_view(inst, is_alive(w.heartbeat_age, s.worker_ttl) if w else None)
 
     @app.get("/v1/cluster/models")
     async def list_models(request: Request) -> dict[str, Any]:

@@ -82,9 +82,10 @@ class Store(abc.ABC):
 
         ``statuses`` is None when the worker's instances did not change since its last
         report: then this is a single write. Otherwise, in the same transaction:
-        - instances known to the store (assigned) get their observed fields updated;
-        - instances the worker declared itself (status carries model/backend) are upserted
-          with ``deployment=None`` and ``worker_id`` = this worker;
+        - instances known to the store whose worker_id is THIS worker get their observed fields
+          updated (a report about an instance since moved elsewhere changes nothing);
+        - instances the worker declared itself (``status.declared``) are upserted with
+          ``deployment=None`` and ``worker_id`` = this worker;
         - worker-declared instances of this worker that are no longer reported are deleted;
         - the routing revision is bumped.
         """

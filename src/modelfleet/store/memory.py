@@ -64,7 +64,7 @@ class MemoryStore(Store):
             for st in statuses:
                 reported.add(st.id)
                 inst = self._instances.get(st.id)
-                if inst is None and st.model:
+                if inst is None and st.declared and st.model:
                     inst = Instance(
                         id=st.id,
                         model=st.model,
@@ -75,7 +75,7 @@ class MemoryStore(Store):
                         updated_at=now,
                     )
                     self._instances[st.id] = inst
-                if inst is None:
+                if inst is None or inst.worker_id != worker.id:
                     continue
                 for f in STATUS_FIELDS:
                     setattr(inst, f, getattr(st, f))

@@ -141,12 +141,16 @@ class WorkerAgent:
         self._set_registered(False, "no controller answered")
         return False
 
+    def instance_report(self) -> list[dict[str, Any]]:
+        declared = {spec.id for spec in self.declared}
+        return [st.model_copy(update={"declared": st.id in declared}).model_dump() for st in self.supervisor.statuses()]
+
     async def _heartbeat_to(self, url: str) -> bool:
         generation = self.supervisor.generation
         send_statuses = generation != self._sent_generation
         body: dict[str, Any] = {
             "worker": self.worker_info().model_dump(),
-            "instances": [st.model_dump() for st in self.supervisor.statuses()] if send_statuses else None,
+            "instances": self.instance_report() if send_statuses else None,
             "known_revision": self._known_revision,
         }
         headers = {"authorization": f"Bearer {self.s.join_token}"} if self.s.join_token else {}

@@ -1,0 +1,108 @@
+"""Reconciliation decisions without sockets: moves, panic hold, rate limit, scaling, draining."""
+
+from __future__ import annotations
+
+from modelfleet.controller.reconciler import MoveLimiter, panic_hold, plan_reconcile
+from modelfleet.models import Deployment, Instance, InstanceState
+from tests.unit.test_scheduler import worker
+
+TTL, GRACE = 6.0, 30.0
+
+
+def dep(name: str = "chat", replicas: int = 2, **kw) -> Deployment:
+    return Deployment(name=name, backend="openai", source="http://x", replicas=replicas, **kw)
+
+
+def inst(iid: str, worker_id: str | None, *, dep_name: str = "chat", state=InstanceState.READY,
+         enabled: bool = True) -> Instance:
+    return Instance(id=iid, model=dep_name, deployment=dep_name, worker_id=worker_id, state=state, enabled=enabled)
+
+
+def plan(deps, insts, workers, budget: int = 10, drained=None, now: float = 100.0):
+    return plan_reconcile(deps, insts, workers, ttl=TTL, grace=GRACE, move_budget=budget,
+                          drained_since=drained or {}, drain_timeout=30.0, now=now)
+
+
+def test_missing_replicas_are_created_and_spread():
+    p = plan([dep(replicas=2)], [], [worker("a"), worker("b")])
+    assert sorted(s.worker_id for s in p.create) == ["a", "b"]
+    assert all(s.deployment == "chat" and s.model == "chat" for s in p.create)
+
+
+def test_replica_of_worker_silent_past_grace_is_moved():
+    workers = [worker("a"), worker("b"), worker("c", age=GRACE + 1)]
+    p = plan([dep(replicas=2)], [inst("i1", "a"), inst("i2", "c")], workers)
+    assert p.delete == [("i2", "worker c silent for more than 30 s: moving")]
+    assert [s.worker_id for s in p.create] == ["b"]  # spread: not on a, which has one
+    assert p.moved == 1 and p.held is None
+
+
+def test_worker_silent_less_than_grace_keeps_its_replica():
+    p = plan([dep(replicas=2)], [inst("i1", "a"), inst("i2", "b")], [worker("a"), worker("b", age=TTL + 1)])
+    assert p.delete == [] and p.create == []
+
+
+def test_panic_hold_when_most_workers_silent():
+    workers = [worker("a", age=GRACE + 5), worker("b", age=GRACE + 5), worker("c")]
+    p = plan([dep(replicas=2)], [inst("i1", "a"), inst("i2", "b")], workers)
+    assert p.held and "2 of 3 workers silent" in p.held
+    assert p.delete == [] and p.create == []
+
+
+def test_panic_needs_more_than_half():
+    assert panic_hold([worker("a", age=GRACE + 1), worker("b")], TTL) is None
+    assert panic_hold([worker("a", age=GRACE + 1), worker("b", age=GRACE + 1)], TTL) is not None
+    assert panic_hold([worker("a", age=GRACE + 1)], TTL) is None  # a single worker is just dead
+
+
+def test_move_budget_limits_moves():
+    workers = [worker(f"ok{i}") for i in range(6)] + [worker(f"dead{i}", age=GRACE + 1) for i in range(4)]
+    insts = [inst(f"i{i}", f"dead{i}") for i in range(4)]
+    p = plan([dep(replicas=4)], insts, workers, budget=1)
+    assert p.moved == 1 and len(p.delete) == 1 and len(p.create) == 1
+
+
+def test_move_limiter_sliding_minute():
+    lim = MoveLimiter(3)
+    assert lim.budget(0) == 3
+    lim.spend(3, 0)
+    assert lim.budget(59) == 0
+    assert lim.budget(60) == 3
+
+
+def test_scale_down_removes_unplaced_and_failed_first():
+    insts = [inst("a-ready", "a"), inst("b-failed", "b", state=InstanceState.FAILED), inst("pending", None)]
+    p = plan([dep(replicas=1)], insts, [worker("a"), worker("b")])
+    assert {i for i, _ in p.delete} == {"pending", "b-failed"}
+    assert p.create == []
+
+
+def test_deleted_deployment_removes_its_instances():
+    p = plan([], [inst("i1", "a")], [worker("a")])
+    assert p.delete == [("i1", "deployment chat was deleted")]
+
+
+def test_unplaceable_replica_is_pending_with_reason():
+    p = plan([dep(replicas=1, placement={"labels": {"gpu": "yes"}})], [], [worker("a")])
+    (spec,) = p.create
+    assert spec.worker_id is None and "labels gpu=yes not matched" in spec.pending_reason
+
+
+def test_pending_replica_placed_when_a_worker_fits():
+    d = dep(replicas=1, placement={"labels": {"gpu": "yes"}})
+    p = plan([d], [inst("i1", None)], [worker("g", labels={"gpu": "yes"})])
+    assert p.place == [("i1", "g", ())] and p.create == []
+
+
+def test_drained_replica_replaced_now_and_stopped_after_timeout():
+    insts = [inst("old", "a", enabled=False), inst("b1", "b")]
+    p = plan([dep(replicas=2)], insts, [worker("a"), worker("b")], drained={"old": 90.0}, now=100.0)
+    assert len(p.create) == 1 and p.delete == []
+    p = plan([dep(replicas=2)], insts, [worker("a"), worker("b")], drained={"old": 60.0}, now=100.0)
+    assert ("old", "drained for 30 s") in p.delete
+
+
+def test_declared_instances_are_left_alone():
+    declared = Instance(id="w/m", model="m", deployment=None, worker_id="a")
+    p = plan([], [declared], [worker("a")])
+    assert p.delete == [] and p.create == []
