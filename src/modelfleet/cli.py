@@ -172,6 +172,141 @@ def worker(
     )
 
 
+@app.command()
+def gateway(
+    controller: ControllerOpt = DEFAULT_CONTROLLER,
+    admin_token: AdminTokenOpt = None,
+    host: Annotated[str, typer.Option(envvar="MODELFLEET_HOST")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar="MODELFLEET_PORT")] = DEFAULT_GATEWAY_PORT,
+    snapshot_path: Annotated[
+        str | None, typer.Option(envvar="MODELFLEET_SNAPSHOT_PATH", help="Route table snapshot file.")
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(envvar="MODELFLEET_MAX_BODY_BYTES")] = 10 << 20,
+    max_attempts: Annotated[int, typer.Option(envvar="MODELFLEET_MAX_ATTEMPTS")] = 3,
+    retry_budget: Annotated[float, typer.Option(envvar="MODELFLEET_RETRY_BUDGET_S")] = 30.0,
+    eject_after: Annotated[int, typer.Option(envvar="MODELFLEET_EJECT_AFTER")] = 3,
+    eject_cooldown: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_S")] = 10.0,
+    queue_len: Annotated[int, typer.Option(envvar="MODELFLEET_QUEUE_LEN")] = 100,
+    queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 10.0,
+    processes: Annotated[int, typer.Option(envvar="MODELFLEET_PROCESSES", help="Processes sharing the port.")] = 1,
+    log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run a gateway: the OpenAI-compatible front door, routing from its cached route table."""
+    from modelfleet.gateway.app import run_gateway
+    from modelfleet.gateway.settings import GatewaySettings
+
+    setup_logging(log_level)
+    run_gateway(
+        GatewaySettings(
+            controllers=split_controllers(controller), admin_token=admin_token, host=host, port=port,
+            snapshot_path=snapshot_path, max_body_bytes=max_body_bytes, max_attempts=max_attempts,
+            retry_budget_s=retry_budget, eject_after=eject_after, eject_cooldown_s=eject_cooldown,
+            queue_len=queue_len, queue_wait_s=queue_wait, processes=processes, log_level=log_level.lower(),
+        )
+    )
+
+
+@app.command()
+def up(
+    home: Annotated[str | None, typer.Option(envvar="MODELFLEET_HOME", help="State, logs, snapshot.")] = None,
+    gateway_port: Annotated[int, typer.Option(envvar="MODELFLEET_GATEWAY_PORT")] = DEFAULT_GATEWAY_PORT,
+    controller_port: Annotated[int, typer.Option(envvar="MODELFLEET_CONTROLLER_PORT")] = DEFAULT_CONTROLLER_PORT,
+    worker_port: Annotated[int, typer.Option(envvar="MODELFLEET_WORKER_PORT")] = DEFAULT_WORKER_PORT,
+    runner_port_start: Annotated[int, typer.Option(envvar="MODELFLEET_RUNNER_PORT_START")] = DEFAULT_RUNNER_PORT_START,
+    no_models: Annotated[bool, typer.Option("--no-models", help="Do not deploy the bundled models.")] = False,
+) -> None:
+    """A whole cluster on this machine: controller (SQLite), worker, gateway, the bundled models."""
+    from modelfleet.up import UpSettings, run_up
+
+    setup_logging("INFO")
+    raise typer.Exit(run_up(UpSettings(
+        home=home, gateway_port=gateway_port, controller_port=controller_port, worker_port=worker_port,
+        runner_port_start=runner_port_start, deploy_bundled=not no_models,
+    )))
+
+
+# --------------------------------------------------------------------------- deployments
+@app.command()
+def deploy(
+    name: str,
+    backend: Annotated[str, typer.Option(help="llama.cpp, sentence-transformers, transformers, vllm, openai")],
+    model: Annotated[str, typer.Option("--model", help="Model source: bundled name, path, or URL (openai).")],
+    replicas: int = 1,
+    max_concurrency: Annotated[int, typer.Option(help="Requests one instance serves at once.")] = 4,
+    gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
+    gpu_memory: Annotated[float, typer.Option(help="GiB of GPU memory per replica (0 = estimate).")] = 0,
+    memory: Annotated[float, typer.Option(help="GiB of RAM per replica (0 = estimate).")] = 0,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Only on workers with k=v.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Backend parameter k=v.")] = None,
+    policy: Annotated[str, typer.Option(help="spread or binpack")] = "spread",
+    weight: int = 100,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Deploy a model: N replicas placed on workers that fit, kept running by the reconciler."""
+    body = {
+        "name": name, "backend": backend, "source": model, "replicas": replicas,
+        "max_concurrency": max_concurrency, "weight": weight,
+        "params": {k: parse_param_value(v) for k, v in parse_kv(param, "--param").items()},
+        "placement": {"labels": parse_kv(label, "--label"), "gpus": gpus, "gpu_memory": int(gpu_memory * (1 << 30)),
+                      "memory": int(memory * (1 << 30)), "policy": policy},
+    }
+    data = call(client(controller, admin_token).request, "POST", "/v1/cluster/deployments", json=body)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        console.print(f"deployed [bold]{name}[/bold]: {backend} {model}, {replicas} replica(s)")
+
+
+@app.command()
+def attach(
+    name: str,
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server (…/v1 or without).")],
+    max_concurrency: int = 8,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+) -> None:
+    """Serve an external OpenAI-compatible server (vLLM, Ollama, llama.cpp, TGI) as model NAME."""
+    body = {"name": name, "backend": "openai", "source": url, "replicas": 1, "max_concurrency": max_concurrency}
+    call(client(controller, admin_token).request, "POST", "/v1/cluster/deployments", json=body)
+    console.print(f"attached [bold]{name}[/bold] -> {url}")
+
+
+@app.command()
+def scale(name: str, replicas: int, controller: ControllerOpt = DEFAULT_CONTROLLER,
+          admin_token: AdminTokenOpt = None) -> None:
+    """Change the number of replicas of a deployment."""
+    call(client(controller, admin_token).request, "PATCH", f"/v1/cluster/deployments/{name}",
+         json={"replicas": replicas})
+    console.print(f"scaled [bold]{name}[/bold] to {replicas} replica(s)")
+
+
+@app.command()
+def undeploy(name: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None) -> None:
+    """Delete a deployment; its replicas are stopped."""
+    call(client(controller, admin_token).request, "DELETE", f"/v1/cluster/deployments/{name}")
+    console.print(f"undeployed [bold]{name}[/bold]")
+
+
+@app.command()
+def drain(instance: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None) -> None:
+    """Stop sending new requests to an instance; it is stopped once its in-flight requests had time to finish."""
+    call(client(controller, admin_token).request, "POST", f"/v1/cluster/instances/{instance}/drain")
+    console.print(f"draining [bold]{instance}[/bold]")
+
+
+@app.command()
+def chat(
+    model: str,
+    gateway: Annotated[str, typer.Option(envvar="MODELFLEET_GATEWAY")] = f"http://127.0.0.1:{DEFAULT_GATEWAY_PORT}",
+    api_key: Annotated[str | None, typer.Option(envvar="MODELFLEET_API_KEY")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_tokens: int = 256,
+) -> None:
+    """Talk to MODEL through the gateway; replies stream as they are generated. Ctrl-D ends."""
+    from modelfleet.chat import run_chat
+
+    raise typer.Exit(run_chat(gateway, model, api_key=api_key, system=system, max_tokens=max_tokens))
+
+
 # --------------------------------------------------------------------------- reads
 @app.command()
 def workers(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
