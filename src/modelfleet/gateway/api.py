@@ -1,0 +1,294 @@
+"""The gateway's ASGI application: the inference paths go straight to the raw handler in
+proxy.py; everything else (health, metrics, models, status, console, cluster proxy) is a
+small Starlette app, where a few microseconds do not matter."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+import modelfleet
+from modelfleet import __version__
+from modelfleet.errors import error_body
+from modelfleet.gateway.auth import bearer_token, key_allowed
+from modelfleet.gateway.metrics import GatewayMetrics
+from modelfleet.gateway.pool import Pool
+from modelfleet.gateway.proxy import Proxy, Receive, Scope, Send
+from modelfleet.gateway.routes import EMPTY, RouteTable, RouteWatcher, is_ready
+from modelfleet.gateway.settings import GatewaySettings
+from modelfleet.gateway.stats import RecentStats
+
+log = logging.getLogger("modelfleet.gateway")
+
+UI_DIR = Path(modelfleet.__file__).parent / "ui" / "static"
+INFERENCE_PATHS = {p: p for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+CLUSTER_METHODS = ["GET", "POST", "PATCH", "DELETE"]
+# Request headers the cluster proxy passes to a controller; the browser's own Authorization
+# goes through as is, and the gateway never adds its admin token to a browser's call.
+CLUSTER_FORWARD = ("authorization", "content-type", "accept")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_json(status: int, message: str, code: str | None = None, param: str | None = None) -> Response:
+    return json_response(error_body(status, message, code=code, param=param), status)
+
+
+class GatewayApp:
+    """One gateway process. ``process_index`` is this process's rank among ``processes``."""
+
+    def __init__(self, settings: GatewaySettings, process_index: int = 0) -> None:
+        self.s = settings
+        self.process_index = process_index
+        self.started_at = time.time()
+        self.table: RouteTable = EMPTY
+        self.metrics = GatewayMetrics()
+        self.stats = RecentStats()
+        self.pool = Pool(settings, report=self._instance_event, process_index=process_index)
+        self.watcher = RouteWatcher(settings.controller_list, settings.admin_token, self._apply,
+                                    settings.snapshot, settings.poll_wait_s)
+        self.proxy = Proxy(settings, self.pool, self.metrics, self.stats, lambda: self.table)
+        self.metrics.attach(self.pool, self.watcher)
+        self._first_table = asyncio.Event()
+        self.other = self._build_app()
+
+    # -- ASGI -----------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = INFERENCE_PATHS.get(scope["path"])
+            if path is not None and scope["method"] == "POST":
+                return await self.proxy.handle(scope, receive, send, path)
+            return await self.other(scope, receive, _stamped(send))
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        return await self.other(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("gateway start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self, first_table_wait_s: float = 3.0) -> None:
+        self.watcher.load_snapshot()
+        await self.proxy.start()
+        await self.watcher.start()
+        if not self.watcher.freshness.loaded and self.s.controller_list:
+            # Answering "no such model" for every model until the first table arrives would be
+            # wrong; a short wait at start usually avoids it.
+            try:
+                await asyncio.wait_for(self._first_table.wait(), first_table_wait_s)
+            except TimeoutError:
+                log.warning("no route table yet (no controller answered, no snapshot): not ready")
+        s = self.s
+        proc = f", process {self.process_index + 1}/{s.processes}" if s.processes > 1 else ""
+        log.info("modelfleet gateway %s on %s:%d%s; controllers %s; route snapshot %s; inference %s",
+                 __version__, s.host, s.port, proc, ",".join(s.controller_list) or "none",
+                 s.snapshot or "off", self._auth_state())
+
+    async def shutdown(self) -> None:
+        await self.watcher.stop()
+        await self.proxy.stop()
+
+    def _auth_state(self) -> str:
+        if not self.watcher.freshness.loaded:
+            return "state unknown until a route table arrives"
+        if self.table.key_hashes:
+            return f"requires an API key ({len(self.table.key_hashes)} defined)"
+        return "OPEN: no API key is defined, anyone who reaches this port can call models"
+
+    def _apply(self, table: RouteTable) -> None:
+        was_open = not self.table.key_hashes
+        first = self.table is EMPTY
+        self.table = table
+        self.pool.apply(table)
+        if not first and was_open != (not table.key_hashes):
+            log.warning("inference %s", self._auth_state())
+        self._first_table.set()
+
+    def _instance_event(self, instance_id: str, event: str, reason: str) -> None:
+        inst = self.pool.instances.get(instance_id)
+        if event == "ejected":
+            self.metrics.ejections.labels(inst.model.name if inst else "-", instance_id).inc()
+        self.watcher.report(instance_id, event, reason, self.s.gateway_id)
+
+    # -- the other endpoints ------------------------------------------------------------------
+    def _build_app(self) -> Starlette:
+        routes: list[Any] = [
+            Route("/health/live", self.live),
+            Route("/health/ready", self.ready),
+            Route("/metrics", self.metrics_endpoint),
+            Route("/v1/models", self.models),
+            Route("/v1/models/{model:path}", self.model),
+            Route("/v1/gateway/status", self.status),
+            Route("/v1/cluster/{path:path}", self.cluster, methods=CLUSTER_METHODS),
+            Route("/", self.index),
+        ]
+        for p in INFERENCE_PATHS:
+            routes.append(Route(p, self.method_not_allowed, methods=["GET", "PUT", "PATCH", "DELETE"]))
+        if UI_DIR.is_dir():
+            routes.append(Mount("/ui", app=StaticFiles(directory=UI_DIR, check_dir=False), name="ui"))
+        app = Starlette(routes=routes)
+
+        async def not_found(_: Request, exc: Exception) -> Response:
+            status = getattr(exc, "status_code", 404)
+            return error_json(status, str(getattr(exc, "detail", "not found")))
+
+        app.add_exception_handler(404, not_found)
+        app.add_exception_handler(405, not_found)
+        return app
+
+    async def live(self, _: Request) -> Response:
+        return json_response({"live": True, "pid": os.getpid()})
+
+    def _table_view(self) -> dict[str, Any]:
+        f = self.watcher.freshness
+        age = f.age_s(time.time(), self.watcher.polling)
+        return {
+            "revision": self.table.revision if f.loaded else None,
+            "state": "none" if not f.loaded else ("fresh" if f.fresh else "stale"),
+            "source": f.source,
+            "age_s": None if age is None else round(age, 3),
+            "controller": f.controller,
+            "controllers": self.s.controller_list,
+        }
+
+    async def ready(self, _: Request) -> Response:
+        n = len(self.pool.instances)
+        ok = is_ready(self.watcher.freshness, n)
+        return json_response({"ready": ok, "route_table": self._table_view(), "instances": n,
+                              "models": len(self.pool.models)}, 200 if ok else 503)
+
+    async def metrics_endpoint(self, _: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _key_ok(self, request: Request) -> bool:
+        return key_allowed(request.headers.get("authorization", "").encode(), self.table.key_hashes)
+
+    async def models(self, request: Request) -> Response:
+        if not self._key_ok(request):
+            return error_json(401, "invalid or missing API key", code="invalid_api_key")
+        data = [self._model_entry(name) for name in sorted(self.pool.models)]
+        return json_response({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Response:
+        if not self._key_ok(request):
+            return error_json(401, "invalid or missing API key", code="invalid_api_key")
+        name = request.path_params["model"]
+        if name not in self.pool.models:
+            return error_json(404, f"the model `{name}` does not exist", code="model_not_found", param="model")
+        return json_response(self._model_entry(name))
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        m = self.pool.models[name]
+        return {"id": name, "object": "model", "created": 0, "owned_by": "modelfleet",
+                "instances": sum(1 for i in m.instances if i.enabled)}
+
+    async def method_not_allowed(self, _: Request) -> Response:
+        return error_json(405, "use POST")
+
+    def _admin_ok(self, request: Request) -> bool:
+        """Status lists instance endpoints: with an admin token set, only its holder sees it."""
+        if not self.s.admin_token:
+            return True
+        token = bearer_token(request.headers.get("authorization", "").encode())
+        return token is not None and hmac.compare_digest(token.encode(), self.s.admin_token.encode())
+
+    async def status(self, request: Request) -> Response:
+        if not self._admin_ok(request):
+            return error_json(401, "admin token required (Authorization: Bearer …)", code="missing_token")
+        return json_response(self.status_view(int(request.query_params.get("buckets", "30"))))
+
+    def status_view(self, buckets: int = 30) -> dict[str, Any]:
+        now_m, now = time.monotonic(), time.time()
+        s = self.s
+        models = []
+        for name in sorted(self.pool.models):
+            m = self.pool.models[name]
+            insts = [{
+                "id": i.id, "worker_id": i.worker_id, "endpoint": i.endpoint, "weight": i.weight,
+                "max_concurrency": i.max_concurrency, "enabled": i.enabled, "in_flight": i.in_flight,
+                "ejected": i.ejected(now_m), "ejected_for_s": round(max(0.0, i.ejected_until - now_m), 3),
+                "consecutive_failures": i.failures, "ejections": i.ejections, "attempts": i.requests,
+                "failures": i.errors,
+            } for i in m.instances]
+            models.append({"name": name, "in_flight": m.in_flight, "queued": len(m.waiters), "slots": m.slots,
+                           "mean_latency_s": round(m.latency_ewma, 4), "instances": insts,
+                           "recent": self.stats.series(name, now, buckets)})
+        return {
+            "gateway": s.gateway_id, "version": __version__, "pid": os.getpid(),
+            "process": self.process_index, "processes": s.processes,
+            "started_at": self.started_at, "uptime_s": round(now - self.started_at, 1),
+            "route_table": self._table_view(),
+            "auth": "api_keys" if self.table.key_hashes else "open",
+            "recent_bucket_s": self.stats.bucket_s,
+            "models": models,
+        }
+
+    async def cluster(self, request: Request) -> Response:
+        """Pass-through to a healthy controller, so the browser talks only to the gateway."""
+        if not self.s.controller_list:
+            return error_json(503, "this gateway has no controller configured", code="no_controller")
+        headers = {k: v for k in CLUSTER_FORWARD if (v := request.headers.get(k)) is not None}
+        body = await request.body()
+        try:
+            status, data, ctype = await self.watcher.request(
+                request.method, "/v1/cluster/" + request.path_params["path"], headers=headers,
+                data=body or None, params=list(request.query_params.multi_items()), timeout_s=30.0)
+        except ConnectionError as exc:
+            return error_json(503, str(exc), code="no_controller")
+        if status in (204, 304):
+            return Response(status_code=status)
+        return Response(data, status_code=status, media_type=ctype or None)
+
+    async def index(self, _: Request) -> Response:
+        index = UI_DIR / "index.html"
+        if index.is_file():
+            return FileResponse(index)
+        return json_response({"name": "modelfleet gateway", "version": __version__,
+                              "console": "not installed (src/modelfleet/ui/static/index.html)",
+                              "openai_base_url": "/v1"})
+
+
+def _stamped(send: Send) -> Send:
+    """Every answer names its instance (none here) and the gateway's overhead."""
+    t0 = time.perf_counter()
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            ms = (time.perf_counter() - t0) * 1000
+            message["headers"] = [*message.get("headers", []), (b"x-modelfleet-instance", b"-"),
+                                  (b"x-modelfleet-overhead-ms", b"%.3f" % ms)]
+        await send(message)
+
+    return wrapped
+
+
+def create_app(settings: GatewaySettings, process_index: int = 0) -> GatewayApp:
+    """The ASGI app of one gateway process (serve it with uvicorn, or use run_gateway)."""
+    return GatewayApp(settings, process_index)

@@ -1,0 +1,99 @@
+"""Entry points: ``create_app(settings)`` (ASGI) and ``run_gateway(settings)`` (blocking).
+
+Serving: uvicorn (uvloop, httptools) on a socket bound with SO_REUSEPORT, in one process
+or several. With ``processes`` > 1 each process binds its own socket to the same port and
+the kernel spreads connections over them; each is a complete gateway (own route watcher,
+counts, queues, ejections): see docs/gateway.md for what that splits."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+
+import uvicorn
+
+from modelfleet.gateway.api import create_app
+
+__all__ = ["create_app", "run_gateway", "serve"]
+from modelfleet.gateway.settings import GatewaySettings
+
+log = logging.getLogger("modelfleet.gateway")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: GatewaySettings, process_index: int = 0) -> None:
+    """Run one gateway process until SIGINT/SIGTERM."""
+    _setup_logging(settings.log_level)
+    sock = bind_socket(settings.host, settings.port)
+    config = uvicorn.Config(
+        create_app(settings, process_index),
+        loop="uvloop", http="httptools", lifespan="on", access_log=False, server_header=False,
+        log_level=settings.log_level.lower(), timeout_keep_alive=75, backlog=4096,
+        # uvicorn's own limit would answer 503 before our admission does; ours is per model.
+        limit_concurrency=None,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    """Blocking. One process, or a supervisor of ``settings.processes`` that restarts any
+    that dies and stops them all on SIGINT/SIGTERM."""
+    if settings.processes <= 1:
+        serve(settings, 0)
+        return
+    _setup_logging(settings.log_level)
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=serve, args=(settings, i), name=f"gateway-{i}", daemon=False)
+        p.start()
+        procs[i] = p
+
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(settings.processes):
+        start(i)
+    log.info("gateway supervisor: %d processes on port %d (SO_REUSEPORT)", settings.processes, settings.port)
+    while not stopping:
+        time.sleep(0.5)
+        for i, p in list(procs.items()):
+            if not p.is_alive() and not stopping:
+                log.warning("gateway process %d (pid %s) exited with %s; restarting it", i, p.pid, p.exitcode)
+                start(i)
+    for p in procs.values():
+        p.join(timeout=15)
+        if p.is_alive() and p.pid:
+            os.kill(p.pid, signal.SIGKILL)
+
+
+def _setup_logging(level: str) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("modelfleet").setLevel(level.upper())

@@ -1,0 +1,29 @@
+"""API keys for inference: sha256 of the bearer secret, looked up in the set of hashes the
+controller publishes with the routes. Hashing first means the lookup time depends on the
+hash, not on how much of a real key a guess shares, so it is no timing oracle."""
+
+from __future__ import annotations
+
+from modelfleet.auth import hash_secret
+
+
+def bearer_token(value: bytes | None) -> str | None:
+    """The secret of an ``Authorization: Bearer <secret>`` header value, or None."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    try:
+        return token.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def key_allowed(header: bytes | None, key_hashes: frozenset[str]) -> bool:
+    """Open when no key is defined; else the bearer secret's hash must be a known one."""
+    if not key_hashes:
+        return True
+    token = bearer_token(header)
+    return token is not None and hash_secret(token) in key_hashes

@@ -1,0 +1,104 @@
+"""Prometheus metrics of one gateway process, in a registry of its own (a test process may
+hold several gateways; `modelfleet up` may hold every role).
+
+Counters and histograms are updated on the request path through cached label children.
+Gauges (in flight, queued, ejected, route-table age) are not: a collector reads the live
+state when /metrics is scraped, which costs the request path nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from modelfleet.gateway.pool import Pool
+    from modelfleet.gateway.routes import RouteWatcher
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("modelfleet_gateway_requests", "Inference requests answered",
+                                ["model", "status"], registry=r)
+        self.latency = Histogram("modelfleet_gateway_request_seconds", "Request latency, end to end",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("modelfleet_gateway_time_to_first_token_seconds",
+                              "Time to the first streamed chunk", ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.tokens = Counter("modelfleet_gateway_tokens", "Tokens from upstream usage", ["model", "direction"],
+                              registry=r)
+        self.retries = Counter("modelfleet_gateway_retries", "Requests retried on another instance",
+                               ["model", "reason"], registry=r)
+        self.ejections = Counter("modelfleet_gateway_ejections", "Instances ejected", ["model", "instance"],
+                                 registry=r)
+        self.stream_errors = Counter("modelfleet_gateway_stream_errors", "Streams broken after their first byte",
+                                     ["model"], registry=r)
+        self._req: dict[tuple[str, int], Callable[[], None]] = {}
+        self._lat: dict[str, Callable[[float], None]] = {}
+        self._ttft: dict[str, Callable[[float], None]] = {}
+
+    def attach(self, pool: Pool, watcher: RouteWatcher) -> None:
+        self.registry.register(_LiveCollector(pool, watcher))
+
+    # Cached children: .labels() takes a lock and builds a tuple key on every call.
+    def count(self, model: str, status: int) -> None:
+        f = self._req.get((model, status))
+        if f is None:
+            f = self._req[(model, status)] = self.requests.labels(model, str(status)).inc
+        f()
+
+    def observe_latency(self, model: str, seconds: float) -> None:
+        f = self._lat.get(model)
+        if f is None:
+            f = self._lat[model] = self.latency.labels(model).observe
+        f(seconds)
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        f = self._ttft.get(model)
+        if f is None:
+            f = self._ttft[model] = self.ttft.labels(model).observe
+        f(seconds)
+
+    def count_tokens(self, model: str, prompt: int | None, completion: int | None) -> None:
+        if prompt:
+            self.tokens.labels(model, "in").inc(prompt)
+        if completion:
+            self.tokens.labels(model, "out").inc(completion)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, pool: Pool, watcher: RouteWatcher) -> None:
+        self.pool, self.watcher = pool, watcher
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        m_in = GaugeMetricFamily("modelfleet_gateway_in_flight", "Requests in flight per model", labels=["model"])
+        m_q = GaugeMetricFamily("modelfleet_gateway_queued", "Requests queued per model", labels=["model"])
+        i_in = GaugeMetricFamily("modelfleet_gateway_instance_in_flight", "Requests in flight per instance",
+                                 labels=["model", "instance"])
+        i_ej = GaugeMetricFamily("modelfleet_gateway_instance_ejected", "1 while the instance is ejected",
+                                 labels=["model", "instance"])
+        for name, m in self.pool.models.items():
+            m_in.add_metric([name], m.in_flight)
+            m_q.add_metric([name], len(m.waiters))
+            for i in m.instances:
+                i_in.add_metric([name, i.id], i.in_flight)
+                i_ej.add_metric([name, i.id], 1.0 if i.ejected(now) else 0.0)
+        yield from (m_in, m_q, i_in, i_ej)
+        f = self.watcher.freshness
+        age = f.age_s(time.time(), self.watcher.polling)
+        yield GaugeMetricFamily("modelfleet_gateway_route_table_age_seconds",
+                                "Seconds since a controller last vouched for the route table",
+                                value=-1.0 if age is None else age)
+        yield GaugeMetricFamily("modelfleet_gateway_route_table_fresh", "1 while a controller answers",
+                                value=1.0 if f.fresh else 0.0)
+        yield GaugeMetricFamily("modelfleet_gateway_route_table_revision", "Routing revision in use",
+                                value=float(self.watcher.revision))

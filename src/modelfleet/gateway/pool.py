@@ -1,0 +1,258 @@
+"""Live state of one gateway process: instances with their in-flight counts, per-model
+queues, ejections. The decisions come from balancer, admission and ejection (pure); this
+module applies them and does the bookkeeping.
+
+Counts are per process. Several gateways (or processes of one gateway) each keep their
+own, and each enforces its share of an instance's max_concurrency (admission.process_share).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+
+from modelfleet.gateway import admission, balancer, ejection
+from modelfleet.gateway.routes import InstanceRoute, RouteTable
+from modelfleet.gateway.settings import GatewaySettings
+
+log = logging.getLogger("modelfleet.gateway")
+
+
+class Overloaded(Exception):
+    """429: every instance full and the queue full, or the wait ran out."""
+
+    def __init__(self, retry_after: int, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NoInstance(Exception):
+    """503: the model is known but no instance can take the request."""
+
+
+class Inst:
+    """One instance as this process sees it."""
+
+    __slots__ = (
+        "ejected_until", "ejections", "enabled", "endpoint", "errors", "failures", "id", "in_flight",
+        "last_ejected_at", "max_concurrency", "model", "requests", "url_prefix", "weight", "worker_id",
+    )
+
+    def __init__(self, route: InstanceRoute, model: ModelState, slots: int) -> None:
+        self.id = route.id
+        self.in_flight = 0
+        self.failures = 0  # consecutive
+        self.ejected_until = 0.0  # monotonic
+        self.ejections = 0  # in a row, for the growing cooldown
+        self.last_ejected_at = 0.0
+        self.requests = 0
+        self.errors = 0
+        self.update(route, model, slots)
+
+    def update(self, route: InstanceRoute, model: ModelState, slots: int) -> None:
+        self.model = model
+        self.worker_id = route.worker_id
+        self.endpoint = route.endpoint
+        self.url_prefix = route.endpoint  # + /v1/... at request time
+        self.weight = route.weight
+        self.max_concurrency = slots
+        self.enabled = route.enabled
+
+    def ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+
+class Waiter:
+    __slots__ = ("exclude", "fut")
+
+    def __init__(self, fut: asyncio.Future[Inst], exclude: tuple[str, ...]) -> None:
+        self.fut = fut
+        self.exclude = exclude
+
+
+class ModelState:
+    __slots__ = ("instances", "latency_ewma", "name", "queued_total", "waiters")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.instances: list[Inst] = []
+        self.waiters: deque[Waiter] = deque()
+        self.latency_ewma = 0.0  # seconds, completed requests
+        self.queued_total = 0
+
+    @property
+    def slots(self) -> int:
+        return sum(i.max_concurrency for i in self.instances if balancer.routable(i))
+
+    @property
+    def in_flight(self) -> int:
+        return sum(i.in_flight for i in self.instances)
+
+
+class Pool:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        report: Callable[[str, str, str], None] | None = None,
+        process_index: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.s = settings
+        self.models: dict[str, ModelState] = {}
+        self.instances: dict[str, Inst] = {}
+        self.report = report or (lambda _id, _event, _reason: None)
+        self.process_index = process_index
+        self.rng = rng or random.Random()
+        self.ejections_total = 0
+
+    # -- route table --------------------------------------------------------------------
+    def apply(self, table: RouteTable) -> None:
+        """Take a new table. Counts, failures and ejections of known instances carry over;
+        requests in flight on a removed instance finish on it."""
+        models: dict[str, ModelState] = {}
+        instances: dict[str, Inst] = {}
+        for name, routes in table.models.items():
+            m = self.models.get(name) or ModelState(name)
+            insts = []
+            for r in routes:
+                slots = admission.process_share(r.max_concurrency, self.s.processes, self.process_index)
+                inst = self.instances.get(r.id)
+                if inst is None:
+                    inst = Inst(r, m, slots)
+                else:
+                    inst.update(r, m, slots)
+                insts.append(inst)
+                instances[r.id] = inst
+            m.instances = insts
+            models[name] = m
+        for name, gone in self.models.items():
+            if name not in models:
+                for w in gone.waiters:
+                    if not w.fut.done():
+                        w.fut.set_exception(NoInstance(f"model {name} was removed"))
+                gone.waiters.clear()
+        self.models, self.instances = models, instances
+        for m in models.values():
+            if m.waiters:
+                self.drain(m)
+
+    # -- admission ----------------------------------------------------------------------
+    def try_acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None
+                    ) -> Inst | balancer.Verdict:
+        d = balancer.choose(m.instances, time.monotonic(), self.rng, exclude, session,
+                            self.s.affinity_slack, self.s.affinity_ratio)
+        if isinstance(d, Inst):
+            d.in_flight += 1
+        return d
+
+    async def acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None,
+                      wait_s: float | None = None) -> Inst:
+        """A slot on an instance of ``m``: at once, or after queueing. Raises Overloaded or
+        NoInstance. The caller must ``release`` the instance when done."""
+        d = self.try_acquire(m, exclude, session)
+        if d.__class__ is Inst:
+            return d  # type: ignore[return-value]
+        if d is balancer.NO_INSTANCE:
+            raise NoInstance(f"no healthy instance of model {m.name}")
+        wait = self.s.queue_wait_s if wait_s is None else min(wait_s, self.s.queue_wait_s)
+        if not admission.queue_has_room(len(m.waiters), self.s.queue_len) or wait <= 0:
+            raise Overloaded(self.retry_after(m), f"model {m.name} is overloaded: every instance is busy "
+                                                  f"and {len(m.waiters)} requests are queued")
+        return await self._wait(m, exclude, wait)
+
+    async def _wait(self, m: ModelState, exclude: tuple[str, ...], wait: float) -> Inst:
+        loop = asyncio.get_running_loop()
+        w = Waiter(loop.create_future(), exclude)
+        m.waiters.append(w)
+        m.queued_total += 1
+
+        def expire() -> None:
+            if not w.fut.done():
+                w.fut.set_exception(Overloaded(self.retry_after(m), f"model {m.name} is overloaded: no "
+                                                                    f"instance freed up within {wait:g} s"))
+
+        timer = loop.call_later(wait, expire)
+        try:
+            return await w.fut
+        except asyncio.CancelledError:
+            # Cancelled (client gone) just as a slot was handed over: give it back.
+            if w.fut.done() and not w.fut.cancelled() and w.fut.exception() is None:
+                self.release(w.fut.result())
+            raise
+        finally:
+            timer.cancel()
+            if not w.fut.done():
+                w.fut.cancel()
+            try:
+                m.waiters.remove(w)
+            except ValueError:
+                pass
+
+    def release(self, inst: Inst) -> None:
+        inst.in_flight -= 1
+        m = inst.model
+        if m.waiters:
+            self.drain(m)
+
+    def drain(self, m: ModelState) -> None:
+        """Hand free slots to queued requests, oldest first."""
+        now = time.monotonic()
+        for w in list(m.waiters):
+            if w.fut.done():
+                m.waiters.remove(w)
+                continue
+            d = balancer.choose(m.instances, now, self.rng, w.exclude)
+            if d is balancer.ALL_FULL:
+                if not w.exclude:
+                    break  # nobody behind it can find room either
+                continue
+            m.waiters.remove(w)
+            if d is balancer.NO_INSTANCE:
+                w.fut.set_exception(NoInstance(f"no healthy instance of model {m.name}"))
+            else:
+                assert isinstance(d, Inst)
+                d.in_flight += 1
+                w.fut.set_result(d)
+
+    def retry_after(self, m: ModelState) -> int:
+        return admission.retry_after_s(len(m.waiters), m.slots, m.latency_ewma or 1.0)
+
+    # -- outcomes -----------------------------------------------------------------------
+    def succeeded(self, inst: Inst, latency_s: float) -> None:
+        inst.failures = 0
+        inst.requests += 1
+        m = inst.model
+        m.latency_ewma = admission.ewma(m.latency_ewma, latency_s)
+
+    def failed(self, inst: Inst, reason: str) -> None:
+        inst.failures += 1
+        inst.requests += 1
+        inst.errors += 1
+        now = time.monotonic()
+        if inst.ejected(now) or not ejection.should_eject(inst.failures, self.s.eject_after):
+            return
+        s = self.s
+        inst.ejections = ejection.ejections_after_quiet(
+            inst.ejections, inst.last_ejected_at, now, s.eject_cooldown_s, s.eject_cooldown_max_s) + 1
+        cooldown = ejection.cooldown_s(inst.ejections, s.eject_cooldown_s, s.eject_cooldown_max_s)
+        inst.ejected_until = now + cooldown
+        inst.last_ejected_at = now
+        inst.failures = 0
+        self.ejections_total += 1
+        log.warning("instance %s (model %s, %s) ejected for %.1f s after %d consecutive failures: %s",
+                    inst.id, inst.model.name, inst.endpoint, cooldown, s.eject_after, reason)
+        self.report(inst.id, "ejected", f"{s.eject_after} consecutive failures, last: {reason}; "
+                                        f"cooldown {cooldown:.1f} s")
+        asyncio.get_running_loop().call_later(cooldown, self._restore, inst, inst.ejected_until)
+
+    def _restore(self, inst: Inst, until: float) -> None:
+        if inst.ejected_until != until:
+            return  # superseded
+        log.info("instance %s (model %s) restored after its cooldown", inst.id, inst.model.name)
+        self.report(inst.id, "restored", "cooldown over")
+        if self.instances.get(inst.id) is inst and inst.model.waiters:
+            self.drain(inst.model)

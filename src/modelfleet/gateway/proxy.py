@@ -1,0 +1,381 @@
+"""The request path: a raw ASGI handler that forwards inference calls to an instance.
+
+Kept lean on purpose (it is what the benchmark measures): no framework routing or
+dependency injection, one orjson parse of the request body to read ``model`` and
+``stream``, the body forwarded as received, the answer passed back untouched: a
+non-streamed body in one piece, a stream chunk by chunk as each arrives from the socket
+(never re-split into events, never re-encoded). Pooled keep-alive connections to instances
+(aiohttp).
+
+Failure handling (DESIGN principle 7): connect errors, timeouts before headers, 429/502/
+503/504 and a body that breaks before anything reached the client are retried on another
+instance, at most ``max_attempts`` in all and only while ``retry_budget_s`` has not run
+out. Once bytes went to the client, a broken stream ends with an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+import aiohttp
+import orjson
+
+from modelfleet.errors import error_body
+from modelfleet.gateway import ejection
+from modelfleet.gateway.auth import key_allowed
+from modelfleet.gateway.metrics import GatewayMetrics
+from modelfleet.gateway.pool import Inst, ModelState, NoInstance, Overloaded, Pool
+from modelfleet.gateway.routes import RouteTable
+from modelfleet.gateway.settings import GatewaySettings
+from modelfleet.gateway.stats import RecentStats
+
+log = logging.getLogger("modelfleet.gateway")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+# Response headers of an instance that describe its connection to us, not the answer.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server",
+    b"proxy-connection", b"upgrade", b"te", b"trailer",
+})
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+STATUS_CLIENT_GONE = 499  # nginx's convention, for metrics only: nothing is sent
+
+_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+def usage_tokens(data: bytes) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens from the last "usage" object in ``data``, without parsing
+    the whole answer: a bounded regex look after the last occurrence of the key."""
+    i = data.rfind(b'"usage"')
+    if i < 0:
+        return None, None
+    window = data[i:i + 600]
+    p = _PROMPT_RE.search(window)
+    c = _COMPLETION_RE.search(window)
+    return (int(p.group(1)) if p else None), (int(c.group(1)) if c else None)
+
+
+def sse_error(message: str, code: str) -> bytes:
+    return b"data: " + orjson.dumps(error_body(502, message, code=code)) + b"\n\n"
+
+
+def can_retry(attempt: int, started: float, now: float, max_attempts: int, budget_s: float) -> bool:
+    return attempt < max_attempts and now - started < budget_s
+
+
+class ClientGone(Exception):
+    """The client disconnected."""
+
+
+class _Watch:
+    """Cancels the request's task when the client disconnects (so its upstream call is
+    cancelled, its connection closed and its slot freed), unless the answer is complete."""
+
+    __slots__ = ("done", "gone", "task")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, receive: Receive, owner: asyncio.Task[Any]) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                if not self.done:
+                    self.gone = True
+                    owner.cancel()
+                return
+
+
+class Proxy:
+    def __init__(self, settings: GatewaySettings, pool: Pool, metrics: GatewayMetrics, stats: RecentStats,
+                 table: Callable[[], RouteTable]) -> None:
+        self.s = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.stats = stats
+        self.table = table
+        self.session: aiohttp.ClientSession | None = None
+        self._header_timeout = settings.header_timeout_s if settings.header_timeout_s < settings.read_timeout_s \
+            else None
+
+    async def start(self) -> None:
+        s = self.s
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30.0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s),
+            auto_decompress=False,  # bytes pass through as the instance sent them
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # -- entry ------------------------------------------------------------------------------
+    async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        t0 = perf_counter()
+        auth = length = session_id = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-length":
+                length = v
+            elif k == b"x-session-id":
+                session_id = v
+        if not key_allowed(auth, self.table().key_hashes):
+            return await self.fail(send, t0, "", 401, "invalid or missing API key (Authorization: Bearer …)",
+                                   code="invalid_api_key")
+        limit = self.s.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self.fail(send, t0, "", 413, f"request body larger than {limit} bytes",
+                                   code="request_too_large")
+        try:
+            body = await read_body(receive, limit)
+        except ClientGone:
+            return None
+        if body is None:
+            return await self.fail(send, t0, "", 413, f"request body larger than {limit} bytes",
+                                   code="request_too_large")
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return await self.fail(send, t0, "", 400, f"malformed JSON in request body: {exc}",
+                                   code="invalid_json")
+        model = req.get("model") if type(req) is dict else None
+        if type(model) is not str or not model:
+            return await self.fail(send, t0, "", 400, "the request body must be a JSON object with a "
+                                   "\"model\" string", param="model", code="invalid_request")
+        m = self.pool.models.get(model)
+        if m is None:
+            return await self.fail(send, t0, model, 404, f"the model `{model}` does not exist",
+                                   param="model", code="model_not_found")
+        stream = req.get("stream") is True
+
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _Watch()
+        watcher = asyncio.get_running_loop().create_task(watch.run(receive, task))
+        try:
+            await self.forward(send, t0, m, path, body, stream, session_id, watch)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            task.uncancel()
+            self.record(model, STATUS_CLIENT_GONE, t0)
+        finally:
+            watch.done = True
+            watcher.cancel()
+
+    # -- forwarding -------------------------------------------------------------------------
+    async def forward(self, send: Send, t0: float, m: ModelState, path: str, body: bytes, stream: bool,
+                      session_id: bytes | None, watch: _Watch) -> None:
+        s, pool = self.s, self.pool
+        assert self.session is not None
+        post = self.session.post
+        tried: tuple[str, ...] = ()
+        attempt = 0
+        waited = 0.0  # seconds in the queue and at instances: not gateway overhead
+        relay: tuple[int, bytes, Any, Inst] | None = None  # the last refusal of an instance
+        last_problem = ""
+        while True:
+            inst = pool.try_acquire(m, tried, session_id)
+            if inst.__class__ is not Inst:
+                tq = perf_counter()
+                try:
+                    inst = await pool.acquire(m, tried, session_id, s.retry_budget_s - (tq - t0))
+                except Overloaded as exc:
+                    if relay is not None:
+                        return await self.respond(send, t0, m.name, *relay, waited, watch)
+                    return await self.fail(send, t0, m.name, 429, str(exc), code="overloaded",
+                                           retry_after=exc.retry_after)
+                except NoInstance as exc:
+                    if relay is not None:
+                        return await self.respond(send, t0, m.name, *relay, waited, watch)
+                    msg = str(exc) + (f" (last failure: {last_problem})" if last_problem else "")
+                    return await self.fail(send, t0, m.name, 503, msg, code="no_healthy_instance")
+                waited += perf_counter() - tq
+            assert isinstance(inst, Inst)
+            attempt += 1
+            tu = perf_counter()
+            problem = ""
+            status = 0
+            data = b""
+            resp = None
+            handed_over = False
+            try:
+                if self._header_timeout is None:
+                    resp = await post(inst.url_prefix + path, data=body, headers=_UPSTREAM_HEADERS)
+                else:
+                    async with asyncio.timeout(self._header_timeout):
+                        resp = await post(inst.url_prefix + path, data=body, headers=_UPSTREAM_HEADERS)
+                status = resp.status
+                if stream and status == 200:
+                    handed_over = True  # stream() owns the slot and the response now
+                    return await self.stream(send, t0, m.name, resp, inst, waited + perf_counter() - tu, watch)
+                data = await resp.read()
+            except UPSTREAM_ERRORS as exc:
+                problem = _describe(exc)
+                status = 0
+                if resp is not None:
+                    resp.close()
+            except BaseException:
+                # Cancelled (the client went away): close the upstream connection, so the
+                # instance sees the disconnect and stops working for nobody; free the slot.
+                if not handed_over:
+                    if resp is not None:
+                        resp.close()
+                    pool.release(inst)
+                raise
+            waited += perf_counter() - tu
+            if status and not ejection.is_retryable_status(status):
+                # An answer: a success, or the instance's own error (4xx, 500) for the client.
+                pool.release(inst)
+                if status < 500:
+                    pool.succeeded(inst, perf_counter() - tu)
+                assert resp is not None
+                return await self.respond(send, t0, m.name, status, data, resp.raw_headers, inst, waited, watch)
+            if status:
+                problem = f"HTTP {status}"
+                assert resp is not None
+                relay = (status, data, resp.raw_headers, inst)
+            pool.failed(inst, problem)  # before release: a queued request must not get an ejected one
+            pool.release(inst)
+            last_problem = f"{inst.id}: {problem}"
+            tried += (inst.id,)
+            if can_retry(attempt, t0, perf_counter(), s.max_attempts, s.retry_budget_s):
+                self.metrics.retries.labels(m.name, problem.split(":")[0]).inc()
+                continue
+            if relay is not None:
+                return await self.respond(send, t0, m.name, *relay, waited, watch)
+            timed_out = "Timeout" in problem
+            return await self.fail(send, t0, m.name, 504 if timed_out else 502,
+                                   f"upstream {'timed out' if timed_out else 'failed'} after {attempt} "
+                                   f"attempt(s); last: {last_problem}", code="upstream_error", instance=inst.id)
+
+    async def stream(self, send: Send, t0: float, model: str, resp: aiohttp.ClientResponse, inst: Inst,
+                     waited: float, watch: _Watch) -> None:
+        """Pass an SSE stream through as it arrives. Nothing can be retried from here on."""
+        prev = last = b""
+        broken = ""
+        tu = perf_counter()
+        try:
+            headers = self.response_headers(resp.raw_headers, inst, t0, waited)
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            first = True
+            try:
+                async for chunk in resp.content.iter_any():
+                    if first:
+                        self.metrics.observe_ttft(model, perf_counter() - t0)
+                        first = False
+                    prev, last = last, chunk
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UPSTREAM_ERRORS as exc:
+                broken = _describe(exc)
+        finally:
+            # Also on cancellation (client gone): the connection closes, the slot frees.
+            resp.close()
+            if broken:
+                self.pool.failed(inst, f"stream broken: {broken}")
+            self.pool.release(inst)
+        if broken:
+            self.metrics.stream_errors.labels(model).inc()
+            log.info("stream from instance %s broke after its first byte: %s", inst.id, broken)
+            await send({"type": "http.response.body", "more_body": True, "body": sse_error(
+                f"the model instance stopped in the middle of the answer ({broken}); the answer is "
+                "incomplete", "upstream_stream_broken")})
+        else:
+            self.pool.succeeded(inst, perf_counter() - tu)
+        watch.done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.record(model, 200, t0)
+        self.metrics.count_tokens(model, *usage_tokens(prev + last))
+
+    # -- answers ----------------------------------------------------------------------------
+    def response_headers(self, raw: Any, inst: Inst | None, t0: float, waited: float,
+                         extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+        headers = [(k.lower(), v) for k, v in raw if k.lower() not in HOP_BY_HOP]
+        headers.append((b"x-modelfleet-instance", inst.id.encode() if inst is not None else b"-"))
+        overhead_ms = max(0.0, perf_counter() - t0 - waited) * 1000
+        headers.append((b"x-modelfleet-overhead-ms", b"%.3f" % overhead_ms))
+        if extra:
+            headers.extend(extra)
+        return headers
+
+    async def respond(self, send: Send, t0: float, model: str, status: int, data: bytes, raw: Any,
+                      inst: Inst, waited: float, watch: _Watch) -> None:
+        """The instance's answer, body as received (on refusals: the last one, out of attempts)."""
+        headers = self.response_headers(raw, inst, t0, waited, [(b"content-length", b"%d" % len(data))])
+        watch.done = True
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+        self.record(model, status, t0)
+        if status == 200:
+            self.metrics.count_tokens(model, *usage_tokens(data))
+
+    async def fail(self, send: Send, t0: float, model: str, status: int, message: str, *,
+                   param: str | None = None, code: str | None = None, retry_after: int | None = None,
+                   instance: str | None = None) -> None:
+        data = orjson.dumps(error_body(status, message, param=param, code=code))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(data)),
+            (b"x-modelfleet-instance", instance.encode() if instance else b"-"),
+            (b"x-modelfleet-overhead-ms", b"%.3f" % ((perf_counter() - t0) * 1000)),
+        ]
+        if retry_after is not None:
+            headers.append((b"retry-after", b"%d" % retry_after))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+        self.record(model or "-", status, t0)
+
+    def record(self, model: str, status: int, t0: float) -> None:
+        elapsed = perf_counter() - t0
+        self.metrics.count(model, status)
+        if model != "-" and model in self.pool.models:
+            self.metrics.observe_latency(model, elapsed)
+            self.stats.add(model, status, time.time())
+
+
+_UPSTREAM_HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it exceeds ``limit`` bytes."""
+    msg = await receive()
+    if msg["type"] == "http.disconnect":
+        raise ClientGone
+    body = msg.get("body", b"")
+    if not msg.get("more_body"):
+        return body if len(body) <= limit else None
+    parts = [body]
+    size = len(body)
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(parts)
+

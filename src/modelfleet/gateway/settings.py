@@ -1,0 +1,95 @@
+"""Gateway settings: one dataclass, every field a CLI flag and a MODELFLEET_* variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from modelfleet.config import DEFAULT_GATEWAY_PORT, modelfleet_home, split_controllers
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class GatewaySettings:
+    # Comma-separated string or list; any healthy one is long-polled, the next on failure.
+    controllers: list[str] | str = field(default_factory=list)
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_GATEWAY_PORT
+    # Sent to controllers (routes, events, UI proxy default); the join token works too.
+    admin_token: str | None = None
+    # Where the last route table is persisted; default $MODELFLEET_HOME/gateway-routes.json.
+    # An empty string turns persistence off.
+    snapshot_path: Path | str | None = None
+    max_body_bytes: int = 10 * MiB
+    # Failover: attempts on distinct instances, and no new attempt after this many seconds.
+    max_attempts: int = 3
+    retry_budget_s: float = 30.0
+    connect_timeout_s: float = 2.0
+    # Most runners send headers of a non-streamed completion only when it is done, so this
+    # must be longer than the longest generation; it is not a latency target.
+    header_timeout_s: float = 300.0
+    # A stream (or body) that stalls this long is broken.
+    read_timeout_s: float = 300.0
+    # Ejection: after this many consecutive failures, for a cooldown that doubles per repeat.
+    eject_after: int = 3
+    eject_cooldown_s: float = 10.0
+    eject_cooldown_max_s: float = 300.0
+    # Admission: per-model queue when every instance is at max_concurrency.
+    queue_len: int = 100
+    queue_wait_s: float = 10.0
+    # Session affinity (X-Session-ID) yields when the pinned instance has this many more
+    # requests in flight than the least busy one and at least `affinity_ratio` times as many.
+    affinity_slack: int = 4
+    affinity_ratio: float = 2.0
+    # Long-poll wait per routes request; failures of a controller are seen within it.
+    poll_wait_s: float = 10.0
+    # Worker processes sharing the port (SO_REUSEPORT). See docs/gateway.md for what splits.
+    processes: int = 1
+    # Names this gateway in events sent to controllers; default host:port.
+    gateway_id: str = ""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.controllers = split_controllers(self.controllers)
+        if self.snapshot_path is None:
+            self.snapshot_path = modelfleet_home() / "gateway-routes.json"
+        elif self.snapshot_path != "":
+            self.snapshot_path = Path(self.snapshot_path).expanduser()
+        if not self.gateway_id:
+            self.gateway_id = f"{socket.gethostname()}:{self.port}"
+        if self.max_attempts < 1 or self.processes < 1 or self.eject_after < 1:
+            raise ValueError("max_attempts, processes and eject_after must be at least 1")
+
+    @property
+    def controller_list(self) -> list[str]:
+        assert isinstance(self.controllers, list)
+        return self.controllers
+
+    @property
+    def snapshot(self) -> Path | None:
+        return self.snapshot_path if isinstance(self.snapshot_path, Path) else None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> GatewaySettings:
+        """Read MODELFLEET_<FIELD> variables (MODELFLEET_CONTROLLER for the list), then overrides."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = "MODELFLEET_CONTROLLER" if f.name == "controllers" else f"MODELFLEET_{f.name.upper()}"
+            if name in env:
+                values[f.name] = _convert(f.type, env[name])
+        values.update(overrides)
+        return cls(**values)
+
+
+def _convert(annotation: Any, raw: str) -> Any:
+    t = str(annotation)
+    if t.startswith("int"):
+        return int(raw)
+    if t.startswith("float"):
+        return float(raw)
+    return raw
