@@ -28,7 +28,7 @@ class Proc:
 
     def start(self) -> Proc:
         cmd = self.args if self.netns is None else ["ip", "netns", "exec", self.netns, *self.args]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                       start_new_session=True)
         log.close()
@@ -94,7 +94,7 @@ class Procs:
         self.log_dir = log_dir
         self.all: list[Proc] = []
 
-    def start(self, name: str, args: list[str], **kwargs) -> Proc:  # noqa: ANN003
+    def start(self, name: str, args: list[str], **kwargs) -> Proc:
         p = Proc(name, args, self.log_dir, **kwargs).start()
         self.all.append(p)
         return p
@@ -116,7 +116,7 @@ class Procs:
             p.stop()
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -124,7 +124,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             last = predicate()
             if last:
                 return last
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:
             last = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
