@@ -1,0 +1,1 @@
+"""Alembic migrations for the SQL store. Run through ``SQLStore.migrate()``, never by hand."""
