@@ -43,7 +43,7 @@ RECONCILER_HELD = Gauge("modelfleet_reconciler_held", "1 while moves are held (m
 RECONCILER_MOVES = Counter("modelfleet_reconciler_moves_total", "Replicas moved off silent workers")
 RECONCILER_ACTIONS = Counter("modelfleet_reconciler_actions_total", "Reconciler writes", ["action"])
 
-GPU_PARAM = "_gpu_indexes"  # GPUs chosen for a replica; the worker exports CUDA_VISIBLE_DEVICES from it
+GPU_PARAM = "gpus"  # GPU indexes chosen for a replica; the worker exports CUDA_VISIBLE_DEVICES from it
 
 
 @dataclass
@@ -132,6 +132,10 @@ def plan_reconcile(
         for _ in range(d.replicas - len(keep)):
             spec = new_replica(d)
             result = place_replica(d.name, need, d.placement, list(caps.values()))
+            # The worker subtracts declared needs from its resource report.
+            spec.params.setdefault("memory", need.memory)
+            if need.gpu_memory:
+                spec.params.setdefault("gpu_memory", need.gpu_memory)
             if isinstance(result, Placed):
                 commit(caps[result.worker_id], d.name, need, result.gpu_indexes)
                 spec.worker_id = result.worker_id

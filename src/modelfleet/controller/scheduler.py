@@ -111,7 +111,8 @@ def capacities(
                 continue
             cap.memory -= n.memory
             cap.cpu -= n.cpu
-            gpu_ids = [int(i) for i in inst.params.get("_gpu_indexes", [])]
+            chosen = inst.params.get("gpus")  # indexes the reconciler chose (see reconciler.GPU_PARAM)
+            gpu_ids = [int(i) for i in chosen] if isinstance(chosen, list) else []
             for gi in gpu_ids:
                 if gi in cap.gpu_memory:
                     cap.gpu_memory[gi] -= n.gpu_memory
