@@ -160,7 +160,8 @@ class Proxy:
                                    "\"model\" string", param="model", code="invalid_request")
         m = self.pool.models.get(model)
         if m is None:
-            return await self.fail(send, t0, model, 404, f"the model `{model}` does not exist",
+            # Metrics label it "-": a label per unknown name would let clients grow the series forever.
+            return await self.fail(send, t0, "", 404, f"the model `{model}` does not exist",
                                    param="model", code="model_not_found")
         stream = req.get("stream") is True
 

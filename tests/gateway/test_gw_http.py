@@ -1,0 +1,123 @@
+"""The gateway's HTTP surface against a real controller and scripted upstreams: the error
+matrix, the official openai client (streaming included), headers, models, health, status,
+metrics, the console hooks and the cluster pass-through."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway.conftest import ADMIN, Cluster, admin_h, two_instance_cluster
+from tests.support.procs import wait_for
+
+
+@pytest.fixture
+def gw(cluster: Cluster) -> Cluster:
+    two_instance_cluster(cluster, "m", "--max-body-bytes", "65536")
+    # A model that is known (deployed) but has no instance: 503, not 404.
+    r = httpx.post(f"{cluster.controller_urls[0]}/v1/cluster/deployments", headers=admin_h(),
+                   json={"name": "idle", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0})
+    assert r.status_code == 201, r.text
+    wait_for(lambda: "idle" in [m["name"] for m in cluster.status()["models"]], 10, what="idle model known")
+    return cluster
+
+
+def chat(model: str = "m", **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello there"}], **extra}
+
+
+def test_error_matrix(gw: Cluster) -> None:
+    url = f"{gw.gateway_url}/v1/chat/completions"
+    cases = [
+        (httpx.post(url, json=chat("nope")), 404, "model_not_found"),
+        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json"),
+        (httpx.post(url, json={"messages": []}), 400, "invalid_request"),
+        (httpx.post(url, json=[1, 2]), 400, "invalid_request"),
+        (httpx.post(url, json=chat(pad="x" * 70000)), 413, "request_too_large"),
+        (httpx.post(url, json=chat("idle")), 503, "no_healthy_instance"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (status, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] == code and err["message"]
+        assert r.headers["x-modelfleet-instance"] == "-"
+        float(r.headers["x-modelfleet-overhead-ms"])
+    # A body over the limit sent without Content-Length (chunked) is refused too.
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 10000
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(url).status_code == 405
+
+
+def test_openai_client_chat_stream_completions_embeddings(gw: Cluster) -> None:
+    client = openai.OpenAI(base_url=f"{gw.gateway_url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content.startswith("tok0") and r.usage.completion_tokens == 8
+
+    raw = client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert raw.headers["x-modelfleet-instance"] in ("w1/a", "w1/b")
+    assert 0 <= float(raw.headers["x-modelfleet-overhead-ms"]) < 1000
+
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}) if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "".join(f"tok{i} " for i in range(8))
+
+    c = client.completions.create(model="m", prompt="say something")
+    assert c.choices[0].text.startswith("tok0")
+    streamed = "".join(x.choices[0].text for x in client.completions.create(model="m", prompt="p", stream=True)
+                       if x.choices)
+    assert streamed.startswith("tok0 ")
+
+    e = client.embeddings.create(model="m", input=["a", "b c"])
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 8
+
+    models = {m.id for m in client.models.list()}
+    assert models == {"m", "idle"}
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_health_status_metrics_and_console_hooks(gw: Cluster) -> None:
+    g = gw.gateway_url
+    assert httpx.get(f"{g}/health/live").json()["live"] is True
+    ready = httpx.get(f"{g}/health/ready").json()
+    assert ready["ready"] is True and ready["route_table"]["state"] == "fresh"
+    for _ in range(5):
+        httpx.post(f"{g}/v1/chat/completions", json=chat())
+    httpx.post(f"{g}/v1/chat/completions", json=chat("nope"))
+
+    assert httpx.get(f"{g}/v1/gateway/status").status_code == 401  # admin token set: protected
+    st = gw.status()
+    assert st["route_table"]["state"] == "fresh" and st["route_table"]["controller"] == gw.controller_urls[0]
+    m = next(x for x in st["models"] if x["name"] == "m")
+    assert {i["id"] for i in m["instances"]} == {"w1/a", "w1/b"}
+    assert sum(b["requests"] for b in m["recent"]) == 5
+
+    text = httpx.get(f"{g}/metrics").text
+    assert 'modelfleet_gateway_requests_total{model="m",status="200"} 5.0' in text
+    assert 'modelfleet_gateway_requests_total{model="-",status="404"} 1.0' in text
+    assert 'modelfleet_gateway_tokens_total{direction="out",model="m"} 40.0' in text
+    assert "modelfleet_gateway_instance_in_flight" in text and "modelfleet_gateway_route_table_age_seconds" in text
+    assert "modelfleet_gateway_request_seconds_bucket" in text
+
+    # The cluster pass-through forwards the browser's own Authorization, never the gateway's.
+    assert httpx.get(f"{g}/v1/cluster/workers").status_code == 401
+    r = httpx.get(f"{g}/v1/cluster/workers", headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "w1"
+    r = httpx.post(f"{g}/v1/cluster/deployments", headers=admin_h(),
+                   json={"name": "via-gw", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0})
+    assert r.status_code == 201, r.text
+    assert httpx.delete(f"{g}/v1/cluster/deployments/via-gw", headers=admin_h()).status_code == 204
+
+    root = httpx.get(f"{g}/")
+    assert root.status_code == 200
+    assert httpx.get(f"{g}/ui/definitely-missing.js").status_code == 404
