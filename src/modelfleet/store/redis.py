@@ -117,7 +117,8 @@ if ARGV[4] ~= '' then
       inst = st.new
       redis.call('SADD', P .. ':byworker:' .. wid, st.id)
     end
-    if inst then
+    -- A report about an instance that has since moved to another worker changes nothing.
+    if inst and inst.worker_id == wid then
       inst.state = st.state
       inst.endpoint = st.endpoint
       inst.restarts = st.restarts
@@ -404,7 +405,7 @@ class RedisStore(Store):
                     "restarts": st.restarts,
                     "last_error": st.last_error,
                 }
-                if st.model:
+                if st.declared and st.model:
                     item["new"] = _instance_doc(
                         Instance(
                             id=st.id,

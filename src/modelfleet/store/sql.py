@@ -234,7 +234,10 @@ class SQLStore(Store):
 
         @event.listens_for(engine, "do_connect")
         def _mkdir(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreConfigError(f"{self._desc}: cannot create the database's directory") from exc
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, conn_rec: Any) -> None:
@@ -267,8 +270,10 @@ class SQLStore(Store):
             "delete_declared": "DELETE FROM instances WHERE deployment IS NULL AND worker_id IN :ids",
             "delete_unreported": "DELETE FROM instances WHERE worker_id = :wid AND deployment IS NULL "
             "AND id NOT IN :ids",
+            # A report about an instance that has since moved to another worker changes nothing.
             "update_observed": f"UPDATE instances SET state = :state, endpoint = :endpoint, "
-            f"restarts = :restarts, last_error = :last_error, updated_at = {now} WHERE id = :id",
+            f"restarts = :restarts, last_error = :last_error, updated_at = {now} "
+            "WHERE id = :id AND worker_id = :worker_id",
             "insert_instance": f"INSERT INTO instances ({cols}) VALUES ({vals})",
             "instance": f"SELECT {cols} FROM instances WHERE id = :id",
             "delete_instance": "DELETE FROM instances WHERE id = :id",
@@ -297,10 +302,14 @@ class SQLStore(Store):
                 "name = :name, address = :address, port = :port, labels = :labels, "
                 f"resources = :resources, version = :version, last_heartbeat = {now}, beats = beats + 1"
             )
+            # No WHERE on ON DUPLICATE KEY UPDATE: each term keeps the old value unless the row
+            # is this worker's (worker_id itself is never assigned here, so the test is stable).
+            mine = "worker_id = :worker_id"
             s["upsert_declared"] = (
                 f"INSERT INTO instances ({cols}) VALUES ({vals}) ON DUPLICATE KEY UPDATE "
-                "state = :state, endpoint = :endpoint, restarts = :restarts, "
-                f"last_error = :last_error, updated_at = {now}"
+                f"state = IF({mine}, :state, state), endpoint = IF({mine}, :endpoint, endpoint), "
+                f"restarts = IF({mine}, :restarts, restarts), last_error = IF({mine}, :last_error, last_error), "
+                f"updated_at = IF({mine}, {now}, updated_at)"
             )
             s["put_deployment"] = (
                 "INSERT INTO deployments (name, body, created_at, updated_at) "
@@ -327,9 +336,16 @@ class SQLStore(Store):
             pg = d == "postgresql"
             labels = "CAST(:labels AS json)" if pg else ":labels"
             resources = "CAST(:resources AS json)" if pg else ":resources"
+            # PostgreSQL's clock_timestamp() moves within a statement: read it once (a CTE
+            # with a volatile function is evaluated once) so that a new worker's registered_at
+            # equals its last_heartbeat. SQLite's 'now' is fixed per statement already.
+            row = (
+                f"SELECT :id, :name, :address, :port, {labels}, {resources}, :version, t, t, 1 FROM clock"
+                if pg
+                else f"VALUES (:id, :name, :address, :port, :labels, :resources, :version, {now}, {now}, 1)"
+            )
             upsert = (
-                f"INSERT INTO workers {worker_cols} VALUES "
-                f"(:id, :name, :address, :port, {labels}, {resources}, :version, {now}, {now}, 1) "
+                f"INSERT INTO workers {worker_cols} {row} "
                 "ON CONFLICT (id) DO UPDATE SET name = excluded.name, address = excluded.address, "
                 "port = excluded.port, labels = excluded.labels, resources = excluded.resources, "
                 "version = excluded.version, last_heartbeat = excluded.last_heartbeat, "
@@ -341,7 +357,8 @@ class SQLStore(Store):
                 # revision row as of the statement's snapshot, so it takes the bumped value
                 # from the CTE when there is one.
                 s["heartbeat"] = (
-                    f"WITH up AS ({upsert} RETURNING beats = 1 AS registered), "
+                    f"WITH clock AS (SELECT {now} AS t), "
+                    f"up AS ({upsert} RETURNING beats = 1 AS registered), "
                     "bump AS (UPDATE revision SET rev = rev + 1 WHERE id = 1 "
                     "AND (SELECT registered FROM up) RETURNING rev) "
                     "SELECT (SELECT registered FROM up) AS registered, "
@@ -366,7 +383,8 @@ class SQLStore(Store):
             s["upsert_declared"] = (
                 f"INSERT INTO instances ({cols}) VALUES ({ivals}) ON CONFLICT (id) DO UPDATE SET "
                 "state = excluded.state, endpoint = excluded.endpoint, restarts = excluded.restarts, "
-                "last_error = excluded.last_error, updated_at = excluded.updated_at"
+                "last_error = excluded.last_error, updated_at = excluded.updated_at "
+                "WHERE instances.worker_id = excluded.worker_id"
             )
             # clock_timestamp() moves within a PostgreSQL statement: read it once so that a new
             # deployment has created_at == updated_at exactly.
@@ -395,7 +413,7 @@ class SQLStore(Store):
         out = {k: text(v) for k, v in s.items()}
         for key, sql in s.items():
             if ":ids" in sql:  # lists of ids: an expanding IN, which also renders [] correctly
-                out[key] = out[key].bindparams(sa.bindparam("ids", expanding=True))
+                out[key] = out[key].bindparams(sa.bindparam("ids", expanding=True, type_=sa.String()))
         return out
 
     # -- running operations ---------------------------------------------------------
@@ -609,14 +627,15 @@ class SQLStore(Store):
         for st in statuses:
             obs = {
                 "id": st.id,
+                "worker_id": worker_id,
                 "state": InstanceState(st.state).value,
                 "endpoint": st.endpoint,
                 "restarts": st.restarts,
                 "last_error": st.last_error,
             }
-            if st.model:
-                # Inserted with these values when new; when the id exists only the observed
-                # fields change (same as memory.py).
+            if st.declared and st.model:
+                # Inserted with these values when new; when the id exists (and is this
+                # worker's) only the observed fields change, as in memory.py.
                 inst = Instance(
                     id=st.id,
                     model=st.model,
