@@ -41,6 +41,7 @@ class FakeWorker:
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"fake-worker-{worker_id}")
         self.beats = 0
+        self.paused = threading.Event()  # set: no heartbeats (a worker cut off, or slow to return)
 
     def declare(self, instance_id: str, model: str, endpoint: str, max_concurrency: int = 64) -> None:
         with self._lock:
@@ -66,6 +67,9 @@ class FakeWorker:
     def _run(self) -> None:
         with httpx.Client(timeout=HEARTBEAT_S * 2) as client:
             while not self._stop.is_set():
+                if self.paused.is_set():
+                    self._stop.wait(0.05)
+                    continue
                 with self._lock:
                     statuses = list(self.instances.values()) if self._changed else None
                     self._changed = False
@@ -113,6 +117,18 @@ class Cluster:
         self.controllers.append((p, url))
         return url
 
+    def kill_controller(self, index: int) -> None:
+        self.controllers[index][0].kill()
+
+    def restart_controller(self, index: int) -> None:
+        """A new controller process on the same port and store."""
+        old, url = self.controllers[index]
+        old.kill()
+        port = int(url.rsplit(":", 1)[1])
+        p = self.procs.controller(f"ctl-{port}-{len(self.procs.all)}", port, self.store, "--admin-token", ADMIN,
+                                  "--join-token", JOIN, "--heartbeat-interval", str(HEARTBEAT_S))
+        self.controllers[index] = (p, url)
+
     @property
     def controller_urls(self) -> list[str]:
         return [u for _, u in self.controllers]
@@ -136,7 +152,7 @@ class Cluster:
         self.gateway_args = [
             "--controller", ",".join(self.controller_urls), "--port", str(port), "--host", "127.0.0.1",
             "--admin-token", ADMIN, "--snapshot-path", str(self.tmp / "gateway-routes.json"),
-            "--poll-wait-s", "5", "--eject-cooldown-s", "1", *args,
+            "--poll-wait-s", "5", "--eject-cooldown-s", "1", "--log-level", "debug", *args,
         ]
         self.gateway_proc = self.procs.start(f"gw-{port}", [PY, "-m", "modelfleet.gateway", *self.gateway_args],
                                              ready_url=f"http://127.0.0.1:{port}/health/ready")

@@ -27,7 +27,7 @@ from modelfleet.gateway.auth import bearer_token, key_allowed
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.pool import Pool
 from modelfleet.gateway.proxy import Proxy, Receive, Scope, Send
-from modelfleet.gateway.routes import EMPTY, RouteTable, RouteWatcher, is_ready
+from modelfleet.gateway.routes import EMPTY, Grace, RouteTable, RouteWatcher, is_ready, keep_missing
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats
 
@@ -65,6 +65,8 @@ class GatewayApp:
         self.proxy = Proxy(settings, self.pool, self.metrics, self.stats, lambda: self.table)
         self.metrics.attach(self.pool, self.watcher)
         self._first_table = asyncio.Event()
+        self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
+        self._grace: Grace | None = None  # see routes.keep_missing
         self.other = self._build_app()
 
     # -- ASGI -----------------------------------------------------------------------------
@@ -122,14 +124,39 @@ class GatewayApp:
             return f"requires an API key ({len(self.table.key_hashes)} defined)"
         return "OPEN: no API key is defined, anyone who reaches this port can call models"
 
-    def _apply(self, table: RouteTable) -> None:
+    def _apply(self, table: RouteTable, reconnected: bool = False) -> None:
         was_open = not self.table.key_hashes
         first = self.table is EMPTY
+        now = time.monotonic()
+        if reconnected and not first:
+            self._grace = Grace(now, table.revision, table.heartbeat_ttl)
+            asyncio.get_running_loop().call_later(table.heartbeat_ttl + 0.05, self._grace_over)
+        self._latest = table
+        in_grace = self._grace is not None and self._grace.active(now, table.revision)
+        if in_grace:
+            table = keep_missing(self.table, table)
+        elif self._grace is not None:
+            self._grace = None
+            log.info("reconnect grace over at revision %d", table.revision)
         self.table = table
         self.pool.apply(table)
+        log.debug("route table revision %d applied%s: %d models, %d instances", table.revision,
+                  " (reconnect grace)" if in_grace else "", len(table.models),
+                  sum(len(v) for v in table.models.values()))
         if not first and was_open != (not table.key_hashes):
             log.warning("inference %s", self._auth_state())
         self._first_table.set()
+
+    def _grace_over(self) -> None:
+        """The TTL part of the grace is over; if the revision moved meanwhile, end it now, else
+        the next revision will (or the 10-TTL cap, checked here again)."""
+        g = self._grace
+        if g is None:
+            return
+        if not g.active(time.monotonic(), self._latest.revision):
+            self._apply(self._latest)
+        else:
+            asyncio.get_running_loop().call_later(g.ttl, self._grace_over)
 
     def _instance_event(self, instance_id: str, event: str, reason: str) -> None:
         inst = self.pool.instances.get(instance_id)

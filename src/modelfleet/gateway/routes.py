@@ -43,9 +43,45 @@ class RouteTable:
     models: dict[str, tuple[InstanceRoute, ...]]
     key_hashes: frozenset[str]
     payload: dict[str, Any] = field(repr=False, compare=False)
+    heartbeat_ttl: float = 6.0
 
 
 EMPTY = RouteTable(revision=-1, controller_id="", models={}, key_hashes=frozenset(), payload={})
+
+
+def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
+    """``new``, plus the instances (and models) of ``previous`` that ``new`` lacks.
+
+    Used for one heartbeat TTL after the gateway gets back in touch with the controllers:
+    right after an outage (of the controllers, the store, or our link to them) workers that
+    could not heartbeat look dead until their next heartbeat, and trusting that would turn a
+    healthy cluster into 503s for a few seconds. Keys always come from ``new``, so a
+    revocation is never delayed; an instance that really died is handled by failover."""
+    models = dict(new.models)
+    for name, old in previous.models.items():
+        have = {i.id for i in models.get(name, ())}
+        extra = tuple(i for i in old if i.id not in have)
+        if extra:
+            models[name] = models.get(name, ()) + extra
+    return RouteTable(revision=new.revision, controller_id=new.controller_id, models=models,
+                      key_hashes=new.key_hashes, payload=new.payload, heartbeat_ttl=new.heartbeat_ttl)
+
+
+@dataclass(frozen=True)
+class Grace:
+    """The reconnect grace: from ``since`` (monotonic) on a table of revision ``revision``."""
+
+    since: float
+    revision: int
+    ttl: float
+
+    def active(self, now: float, revision: int) -> bool:
+        """Until one heartbeat TTL has passed *and* the revision has moved past the one we
+        reconnected at: a controller that has just started may serve its first table (worker
+        dead) at an unchanged revision for a while. Never longer than 10 TTLs."""
+        if now - self.since >= 10 * self.ttl:
+            return False
+        return now - self.since < self.ttl or revision <= self.revision
 
 
 def parse_routes(payload: dict[str, Any]) -> RouteTable:
@@ -65,7 +101,8 @@ def parse_routes(payload: dict[str, Any]) -> RouteTable:
             models[str(m["name"])] = tuple(insts)
         keys = frozenset(str(k["secret_hash"]).lower() for k in payload.get("api_keys") or ())
         return RouteTable(revision=int(payload["revision"]), controller_id=str(payload.get("controller_id", "")),
-                          models=models, key_hashes=keys, payload=payload)
+                          models=models, key_hashes=keys, payload=payload,
+                          heartbeat_ttl=float(payload.get("heartbeat_ttl") or 6.0))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed routes payload: {exc!r}") from exc
 
@@ -133,7 +170,7 @@ class RouteWatcher:
         self,
         controllers: list[str],
         admin_token: str | None,
-        on_table: Callable[[RouteTable], None],
+        on_table: Callable[[RouteTable, bool], None],
         snapshot_path: Path | None,
         poll_wait_s: float = 10.0,
         retry_pause_s: float = 0.25,
@@ -163,7 +200,7 @@ class RouteWatcher:
         self.revision = table.revision
         f = self.freshness
         f.loaded, f.fresh, f.source, f.confirmed_at = True, False, "snapshot", fetched_at
-        self.on_table(table)
+        self.on_table(table, False)
         log.info("route table revision %d loaded from snapshot %s (%.0f s old), stale until a controller "
                  "answers", table.revision, self.snapshot_path, time.time() - fetched_at)
         return True
@@ -213,12 +250,14 @@ class RouteWatcher:
 
     async def poll_once(self, base: str) -> None:
         assert self.session is not None
-        # First contact, or contact after a failure: ask for the whole table at once (since=-1),
-        # because this controller may not be the one whose revision we hold.
-        fresh = self.freshness.fresh
-        wait = self.poll_wait_s if fresh else 0.0
+        # First contact with this controller (at start, after a failure, after a switch): ask
+        # for the whole table at once, without waiting, so the switch is confirmed (and logged)
+        # right away and a controller on another store cannot leave us on a wrong revision.
+        f = self.freshness
+        steady = f.fresh and f.controller == base
+        wait = self.poll_wait_s if steady else 0.0
         url = f"{base}/v1/cluster/routes"
-        params = {"since": str(self.revision if fresh else -1), "wait": str(wait)}
+        params = {"since": str(self.revision if steady else -1), "wait": str(wait)}
         timeout = aiohttp.ClientTimeout(total=wait + 5.0, sock_connect=2.0)
         async with self.session.get(url, params=params, headers=self.headers, timeout=timeout) as r:
             if r.status == 304:
@@ -234,7 +273,8 @@ class RouteWatcher:
             log.warning("controller %s reports revision %d below ours (%d); taking its table",
                         base, table.revision, self.revision)
         self.revision = table.revision
-        self.on_table(table)
+        # Back in touch after being cut off (or starting from a snapshot): say so, see keep_missing.
+        self.on_table(table, not self.freshness.fresh and self.freshness.loaded)
         self._confirmed(base)
         if self.snapshot_path is not None:
             # Off the event loop: a slow disk must not stall requests.
