@@ -59,10 +59,13 @@ def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
     revocation is never delayed; an instance that really died is handled by failover."""
     models = dict(new.models)
     for name, old in previous.models.items():
-        have = {i.id for i in models.get(name, ())}
+        if name not in models:
+            models[name] = old
+            continue
+        have = {i.id for i in models[name]}
         extra = tuple(i for i in old if i.id not in have)
         if extra:
-            models[name] = models.get(name, ()) + extra
+            models[name] += extra
     return RouteTable(revision=new.revision, controller_id=new.controller_id, models=models,
                       key_hashes=new.key_hashes, payload=new.payload, heartbeat_ttl=new.heartbeat_ttl)
 
