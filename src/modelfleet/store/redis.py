@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -347,27 +347,42 @@ class RedisStore(Store):
     def _k(self, name: str) -> str:
         return f"{self.prefix}:{name}"
 
-    async def _script(self, name: str, *args: Any) -> Any:
-        try:
-            return await self._scripts[name](args=[self.prefix, *args])
-        except Exception as exc:
-            raise self._translate(exc) from exc
+    async def _do(self, make: Callable[[], Awaitable[Any]], repeatable: bool) -> Any:
+        """Run one command / script / MULTI block, translating errors.
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except Exception as exc:
-            raise self._translate(exc) from exc
+        A pooled connection that a restarted server closed fails on its next use; then the
+        other idle connections are just as dead, so they are all dropped, and a
+        ``repeatable`` call (a read, or a write whose second run is still right if the first
+        one landed: upserts, renewals, bumps) runs once more on a fresh connection."""
+        for attempt in (0, 1):
+            try:
+                return await make()
+            except Exception as exc:
+                lost = isinstance(exc, rexc.ConnectionError) and not isinstance(exc, rexc.AuthenticationError)
+                if lost:
+                    await self._redis.connection_pool.disconnect(inuse_connections=False)
+                    if repeatable and attempt == 0:
+                        continue
+                raise self._translate(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def _script(self, name: str, *args: Any, repeatable: bool = False) -> Any:
+        return await self._do(lambda: self._scripts[name](args=[self.prefix, *args]), repeatable)
+
+    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """A single command that is safe to repeat (reads, SET of the schema key, INCR)."""
+        return await self._do(make, True)
 
     async def _multi(self, build: Callable[[Any], None]) -> list[Any]:
         """Run the commands ``build`` queues in one MULTI/EXEC block: one round trip, one
         consistent view (TIME and the data it is compared with are read together)."""
-        try:
+
+        async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=True) as pipe:
                 build(pipe)
                 return await pipe.execute()
-        except Exception as exc:
-            raise self._translate(exc) from exc
+
+        return await self._do(run, True)
 
     def _translate(self, exc: BaseException) -> StoreError:
         kind, reason = classify_error(exc)
@@ -378,15 +393,15 @@ class RedisStore(Store):
     async def migrate(self) -> None:
         # Nothing to create up front (keys appear on first write). The version key records
         # which layout this prefix holds; a later layout change would convert here.
-        await self._call(self._redis.set(self._k("schema"), SCHEMA_VERSION))
+        await self._call(lambda: self._redis.set(self._k("schema"), SCHEMA_VERSION))
 
     async def ping(self) -> None:
-        version = await self._call(self._redis.get(self._k("schema")))
+        version = await self._call(lambda: self._redis.get(self._k("schema")))
         if version != SCHEMA_VERSION:
             raise StoreUnavailable(f"{self._desc}: schema at {version!r}, expected {SCHEMA_VERSION!r}")
 
     async def now(self) -> float:
-        sec, usec = await self._call(self._redis.time())
+        sec, usec = await self._call(lambda: self._redis.time())
         return sec + usec / 1e6
 
     async def close(self) -> None:
@@ -418,7 +433,7 @@ class RedisStore(Store):
                     )
                 items.append(item)
             report = json.dumps(items, separators=(",", ":"))
-        registered, rev = await self._script("heartbeat", worker.id, worker.model_dump_json(), report)
+        registered, rev = await self._script("heartbeat", worker.id, worker.model_dump_json(), report, repeatable=True)
         return HeartbeatResult(registered=registered == 1, revision=int(rev))
 
     @staticmethod
@@ -478,15 +493,15 @@ class RedisStore(Store):
         return _instance(raw)
 
     async def get_instance(self, instance_id: str) -> Instance | None:
-        raw = await self._call(self._redis.hget(self._k("inst"), instance_id))
+        raw = await self._call(lambda: self._redis.hget(self._k("inst"), instance_id))
         return _instance(raw) if raw else None
 
     async def list_instances(self, *, worker_id: str | None = None, model: str | None = None) -> list[Instance]:
         if worker_id is not None:
-            ids = await self._call(self._redis.smembers(self._k(f"byworker:{worker_id}")))
-            raws = await self._call(self._redis.hmget(self._k("inst"), list(ids))) if ids else []
+            ids = await self._call(lambda: self._redis.smembers(self._k(f"byworker:{worker_id}")))
+            raws = await self._call(lambda: self._redis.hmget(self._k("inst"), list(ids))) if ids else []
         else:
-            raws = list((await self._call(self._redis.hgetall(self._k("inst")))).values())
+            raws = list((await self._call(lambda: self._redis.hgetall(self._k("inst")))).values())
         out = [_instance(r) for r in raws if r]
         out = [
             i for i in out if (worker_id is None or i.worker_id == worker_id) and (model is None or i.model == model)
@@ -507,7 +522,7 @@ class RedisStore(Store):
                 patch[k] = bool(v)
             else:
                 patch[k] = v
-        raw = await self._script("update_instance", instance_id, json.dumps(patch))
+        raw = await self._script("update_instance", instance_id, json.dumps(patch), repeatable=True)
         return _instance(raw) if raw else None
 
     async def delete_instance(self, instance_id: str) -> bool:
@@ -516,7 +531,7 @@ class RedisStore(Store):
     # -- deployments ---------------------------------------------------------------
     async def put_deployment(self, deployment: Deployment) -> Deployment:
         body = deployment.model_dump_json(exclude={"created_at", "updated_at"})
-        created, updated = await self._script("put_deployment", deployment.name, body)
+        created, updated = await self._script("put_deployment", deployment.name, body, repeatable=True)
         return deployment.model_copy(update={"created_at": float(created), "updated_at": float(updated)})
 
     @staticmethod
@@ -542,17 +557,17 @@ class RedisStore(Store):
 
     # -- leases --------------------------------------------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
-        token = await self._script("acquire_lease", name, holder, repr(float(ttl)))
+        token = await self._script("acquire_lease", name, holder, repr(float(ttl)), repeatable=True)
         if token is None:
             return None
         # Taken or renewed: expires at server-now + ttl, set by this very script.
         return Lease(name=name, holder=holder, token=int(token), expires_in=float(ttl))
 
     async def release_lease(self, name: str, holder: str) -> None:
-        await self._script("release_lease", name, holder)
+        await self._script("release_lease", name, holder, repeatable=True)
 
     async def get_lease(self, name: str) -> Lease | None:
-        got = await self._script("get_lease", name)
+        got = await self._script("get_lease", name, repeatable=True)
         if not got:
             return None
         holder, token, left = got
@@ -560,10 +575,10 @@ class RedisStore(Store):
 
     # -- routing revision ----------------------------------------------------------
     async def get_revision(self) -> int:
-        return int(await self._call(self._redis.get(self._k("rev"))) or 0)
+        return int(await self._call(lambda: self._redis.get(self._k("rev"))) or 0)
 
     async def bump_revision(self) -> int:
-        return int(await self._call(self._redis.incr(self._k("rev"))))
+        return int(await self._call(lambda: self._redis.incr(self._k("rev"))))
 
     # -- api keys ------------------------------------------------------------------
     async def create_api_key(self, key: ApiKey) -> ApiKey:
@@ -583,7 +598,7 @@ class RedisStore(Store):
         ]
 
     async def revoke_api_key(self, key_id: str) -> bool:
-        return await self._script("revoke_key", key_id) == 1
+        return await self._script("revoke_key", key_id, repeatable=True) == 1
 
 
 # -- error classification ------------------------------------------------------------
@@ -614,7 +629,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, rexc.BusyLoadingError):
         return "unavailable", "server is loading its dataset"
     if isinstance(exc, rexc.ConnectionError | ConnectionError | OSError):
-        if "refused" in msg:
+        if "refused" in msg or "error 111 " in msg or "connect call failed" in msg:
             return "unavailable", "connection refused"
         return "unavailable", "connection to the server lost"
     if isinstance(exc, rexc.ReadOnlyError):

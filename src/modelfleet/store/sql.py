@@ -417,11 +417,25 @@ class SQLStore(Store):
         return out
 
     # -- running operations ---------------------------------------------------------
-    async def _run(self, engine: AsyncEngine, fn: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
+    async def _run(
+        self,
+        engine: AsyncEngine,
+        fn: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        write: bool,
+        repeatable: bool | None = None,
+    ) -> T:
         """Run ``fn`` on one connection and commit; translate driver errors; retry deadlocks.
 
         ``fn`` must be safe to run again: a deadlock or serialization failure rolled the whole
-        transaction back, so a retry starts from scratch."""
+        transaction back, so a retry starts from scratch.
+
+        ``repeatable`` (default: reads) also retries once when the connection turns out to be
+        dead, which is what a pooled connection is right after a server restart. Only for
+        operations whose second run gives the right answer even if the first one committed
+        just before the connection broke (reads, upserts, lease renewals, revision bumps);
+        not for create/delete, where it would turn success into "exists"/"not found"."""
+        retry_lost = (not write) if repeatable is None else repeatable
         for attempt in range(5):
             try:
                 async with asyncio.timeout(self._op_timeout):
@@ -437,6 +451,10 @@ class SQLStore(Store):
             except Exception as exc:
                 if attempt < 4 and _is_retryable(exc):
                     await asyncio.sleep(0.005 * (attempt + 1))
+                    continue
+                if retry_lost and _connection_lost(exc):
+                    # SQLAlchemy has invalidated the pool: the retry gets a new connection.
+                    retry_lost = False
                     continue
                 raise self._translate(exc) from exc
         raise AssertionError("unreachable")
@@ -463,31 +481,37 @@ class SQLStore(Store):
         import psycopg
 
         sql = self._raw[key]
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                async with self._single.connect() as conn:
-                    driver = (await conn.get_raw_connection()).driver_connection
-                    try:
-                        cur = await driver.execute(sql, params)
-                        row = await cur.fetchone()
-                    except BaseException:
-                        # A connection left mid-query (timeout) or broken must not go back to
-                        # the pool; a broken one means the server likely went away, so drop
-                        # the idle ones too and let the next checkouts reconnect.
-                        broken = driver.broken
-                        if broken or driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                            await conn.invalidate()
-                        if broken:
-                            await self._engine.dispose()
-                        raise
-            assert row is not None
-            return tuple(row)
-        except StoreError:
-            raise
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"{self._desc}: timed out after {self._op_timeout:g}s") from exc
-        except Exception as exc:
-            raise self._translate(exc) from exc
+        for attempt in range(2):
+            broken = False
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    async with self._single.connect() as conn:
+                        driver = (await conn.get_raw_connection()).driver_connection
+                        try:
+                            cur = await driver.execute(sql, params)
+                            row = await cur.fetchone()
+                        except BaseException:
+                            # A connection left mid-query (timeout) or broken must not go back
+                            # to the pool; a broken one means the server likely went away, so
+                            # drop the idle ones too and let the next checkouts reconnect.
+                            broken = driver.broken
+                            if broken or driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                                await conn.invalidate()
+                            if broken:
+                                await self._engine.dispose()
+                            raise
+                assert row is not None
+                return tuple(row)
+            except StoreError:
+                raise
+            except TimeoutError as exc:
+                raise StoreUnavailable(f"{self._desc}: timed out after {self._op_timeout:g}s") from exc
+            except Exception as exc:
+                # Only the heartbeat comes here, and it is safe to run twice (see _run).
+                if broken and attempt == 0:
+                    continue
+                raise self._translate(exc) from exc
+        raise AssertionError("unreachable")
 
     async def _scalar(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         async def op(conn: AsyncConnection) -> Any:
@@ -600,7 +624,7 @@ class SQLStore(Store):
             registered, rev = await self._raw_fetchone("heartbeat", params)
             return HeartbeatResult(registered=bool(registered), revision=int(rev))
         engine = self._single if statuses is None else self._engine
-        return await self._run(engine, op, write=True)
+        return await self._run(engine, op, write=True, repeatable=True)
 
     async def _upsert_worker(self, conn: AsyncConnection, params: dict[str, Any]) -> tuple[bool, int]:
         if self.dialect == "postgresql":
@@ -763,7 +787,7 @@ class SQLStore(Store):
             await self._bump(conn)
             return _instance((await conn.execute(self._sql["instance"], {"id": instance_id})).one())
 
-        return await self._run(self._engine, op, write=True)
+        return await self._run(self._engine, op, write=True, repeatable=True)
 
     async def delete_instance(self, instance_id: str) -> bool:
         async def op(conn: AsyncConnection) -> bool:
@@ -783,7 +807,7 @@ class SQLStore(Store):
             await self._bump(conn)
             return _deployment((await conn.execute(self._sql["deployment"], {"name": deployment.name})).one())
 
-        return await self._run(self._engine, op, write=True)
+        return await self._run(self._engine, op, write=True, repeatable=True)
 
     async def get_deployment(self, name: str) -> Deployment | None:
         async def op(conn: AsyncConnection) -> Deployment | None:
@@ -820,7 +844,7 @@ class SQLStore(Store):
             row = (await conn.execute(self._sql["lease_row"], {"name": name})).one()
             return int(row.token) if row.holder == holder else None
 
-        token = await self._run(self._single, op, write=True)
+        token = await self._run(self._single, op, write=True, repeatable=True)
         # Taken or renewed: expires_at was set to store-now + ttl by this very statement.
         return None if token is None else Lease(name=name, holder=holder, token=token, expires_in=float(ttl))
 
@@ -828,7 +852,7 @@ class SQLStore(Store):
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(self._sql["release_lease"], {"name": name, "holder": holder})
 
-        await self._run(self._single, op, write=True)
+        await self._run(self._single, op, write=True, repeatable=True)
 
     async def get_lease(self, name: str) -> Lease | None:
         async def op(conn: AsyncConnection) -> Lease | None:
@@ -844,7 +868,7 @@ class SQLStore(Store):
         return int(await self._scalar("revision"))
 
     async def bump_revision(self) -> int:
-        return await self._run(self._single, self._bump, write=True)
+        return await self._run(self._single, self._bump, write=True, repeatable=True)
 
     # -- api keys ------------------------------------------------------------------
     async def create_api_key(self, key: ApiKey) -> ApiKey:
@@ -873,7 +897,7 @@ class SQLStore(Store):
             await self._bump(conn)
             return True
 
-        return await self._run(self._engine, op, write=True)
+        return await self._run(self._engine, op, write=True, repeatable=True)
 
 
 def _pyformat(sql: str) -> str:
@@ -996,6 +1020,10 @@ def _is_retryable(exc: BaseException) -> bool:
         return True
     args = getattr(orig, "args", ())
     return type(orig).__module__.startswith("pymysql") and bool(args) and args[0] in _RETRY_MYSQL
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
 
 
 def _is_missing_table(exc: BaseException) -> bool:
