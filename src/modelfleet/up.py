@@ -144,6 +144,9 @@ def run_up(s: UpSettings) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Explicitly: started in the background without job control, SIGINT arrives ignored
+    # (SIG_IGN is inherited) and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, on_term)
     try:
         console.print(f"modelfleet up: home {home}")
         roles.append(Role("controller", ["controller", "--store", store, "--host", "127.0.0.1",
