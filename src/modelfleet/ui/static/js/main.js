@@ -42,7 +42,7 @@ function route() {
   const el = document.getElementById("page");
   el.dataset.page = page.id;
   page.mount(el, app);
-  if (poller.state.status.okAt || poller.state.status.error) page.update(poller.state, app);
+  if (poller.started) page.update(poller.state, app);
 }
 
 // -- banners: what is wrong right now, in words ------------------------------------------

@@ -34,9 +34,16 @@ export class Poller {
   onUpdate(fn) { this.listeners.push(fn); }
 
   start() {
+    // The first render waits for both loops (or 3 s), so that a page does not flash the
+    // gateway-only view while the cluster's first answer is on its way.
+    this.pending = 2;
+    setTimeout(() => { this.pending = 0; this.notify(); }, 3000);
     this.loop(GATEWAY);
     this.loop(CLUSTER);
   }
+
+  /** Has the first round been rendered? */
+  get started() { return this.pending === 0; }
 
   /** Poll now (after an action) instead of at the next tick. */
   refresh() {
@@ -44,8 +51,13 @@ export class Poller {
   }
 
   async loop(sources) {
+    let first = true;
     for (;;) {
       await Promise.all(Object.entries(sources).map(([name, fetcher]) => this.fetchOne(name, fetcher)));
+      if (first) {
+        first = false;
+        this.pending = Math.max(0, this.pending - 1);
+      }
       this.notify();
       // A hidden tab polls less often; refresh() cuts any wait short.
       const wait = document.hidden ? this.intervalMs * 5 : this.intervalMs;
@@ -68,6 +80,7 @@ export class Poller {
   }
 
   notify() {
+    if (!this.started) return;
     for (const fn of this.listeners) {
       try {
         fn(this.state);

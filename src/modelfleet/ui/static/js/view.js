@@ -65,7 +65,8 @@ export function buildView(state) {
       deployment: dep,
       deployed: Boolean(dep),
       replicas: dep ? dep.replicas : cm ? cm.replicas : mine.length,
-      ready: mine.filter((i) => i.state === "ready").length,
+      // "routed": known only from the route table (controller unreachable), and routable.
+      ready: mine.filter((i) => i.state === "ready" || i.state === "routed").length,
       instances: mine,
       in_flight: gw?.in_flight ?? null,
       queued: gw?.queued ?? null,

@@ -30,7 +30,7 @@ export default {
         instancesCard(v),
         card("Requests / s", status ? rate(minute.requests / minuteS) : "–",
           status
-            ? `${plural(minute.requests, "request")} in the last ${seconds(minuteS)}; ` +
+            ? `${plural(minute.requests, "request")} in the last ${minuteS === 60 ? "minute" : seconds(minuteS)}; ` +
               `${minute.errors} errors, ${minute.client_errors} client errors`
             : "gateway status unavailable",
           { id: "card-rate" }),
@@ -73,7 +73,7 @@ function workersCard(v) {
 }
 
 function modelsCard(v) {
-  const serving = v.models.filter((m) => m.ready > 0 || (v.gatewayOnly && m.routed)).length;
+  const serving = v.models.filter((m) => m.ready > 0).length;
   const deployed = v.models.filter((m) => m.deployed).length;
   return card("Models", String(v.models.length),
     `${serving} serving; ${deployed} from deployments`, { id: "card-models" });
