@@ -189,6 +189,39 @@ def test_drain_button_shows_instance_draining(page, cluster: UpCluster, shot) ->
     shot(page, "models")
 
 
+def test_admin_token_box(page) -> None:
+    """The `up` cluster has no admin token, so the browser plays one: every /v1/cluster call
+    without "Bearer right-token" gets the controller's 401 body. The page must say so with
+    the API's message, and work once the token is entered in Settings, which keeps it in
+    sessionStorage only."""
+    body = '{"error": {"message": "admin token required (Authorization: Bearer …)", ' \
+           '"type": "authentication_error", "param": null, "code": "missing_token"}}'
+
+    def gate(route) -> None:
+        if route.request.headers.get("authorization") == "Bearer right-token":
+            route.continue_()
+        else:
+            route.fulfill(status=401, content_type="application/json", body=body)
+
+    page.route("**/v1/cluster/**", gate)
+    page.goto("/")
+    banner = page.locator("#banners .banner").filter(has_text="needs the admin token")
+    banner.wait_for()
+    assert "admin token required (Authorization: Bearer …)" in banner.inner_text()
+    banner.get_by_role("button", name="Open settings").click()
+    page.fill("#admin-token", "right-token")
+    page.click("#settings-save")
+    banner.wait_for(state="detached")
+    page.locator('#overview-workers tr[data-worker="local"]').wait_for()
+    assert "admin" in page.locator("#cred-state").inner_text()
+    stored = page.evaluate("[sessionStorage.getItem('modelfleet.adminToken'), localStorage.length]")
+    assert stored == ["right-token", 0]
+    page.click("#open-settings")
+    page.click("#settings-clear")
+    banner.wait_for()
+    assert page.evaluate("sessionStorage.getItem('modelfleet.adminToken')") is None
+
+
 def test_controller_down_shows_stale_table_and_banner(browser, cluster: UpCluster, tmp_path, shot) -> None:
     """A second gateway whose only controller is down, started from the first one's route
     snapshot: the console says so in a banner and still shows what the gateway routes."""
