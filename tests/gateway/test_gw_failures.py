@@ -72,7 +72,7 @@ async def test_kill9_instance_mid_stream_ends_with_error_event(cluster: Cluster)
 
 
 async def test_instance_answering_503_is_ejected_then_restored(cluster: Cluster) -> None:
-    two_instance_cluster(cluster, "m")
+    two_instance_cluster(cluster, "m", "--eject-cooldown-s", "3")
     cluster.control("a", status=503, fail_count=-1)
     url = f"{cluster.gateway_url}/v1/chat/completions"
     result = await run_load(url, 40, 1, chat_body())
@@ -85,7 +85,7 @@ async def test_instance_answering_503_is_ejected_then_restored(cluster: Cluster)
     await until(lambda: controller_events(cluster, "ejected") >= 1, 5, "ejection reported")
 
     cluster.control("a", status=200)
-    await until(lambda: not cluster.instance_view("w1/a")["ejected"], 3, "a restored after its 1 s cooldown")
+    await until(lambda: not cluster.instance_view("w1/a")["ejected"], 5, "a restored after its 3 s cooldown")
     await until(lambda: controller_events(cluster, "restored") >= 1, 5, "restoration reported")
     result = await run_load(url, 60, 4, chat_body())
     assert result.failed == []

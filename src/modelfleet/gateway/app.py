@@ -45,6 +45,8 @@ def serve(settings: GatewaySettings, process_index: int = 0) -> None:
         create_app(settings, process_index),
         loop="uvloop", http="httptools", lifespan="on", access_log=False, server_header=False,
         log_level=settings.log_level.lower(), timeout_keep_alive=75, backlog=4096,
+        # X-Forwarded-For rewriting is a middleware on every request; the gateway does not use it.
+        proxy_headers=False,
         # uvicorn's own limit would answer 503 before our admission does; ours is per model.
         limit_concurrency=None,
     )

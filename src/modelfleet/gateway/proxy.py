@@ -5,7 +5,7 @@ dependency injection, one orjson parse of the request body to read ``model`` and
 ``stream``, the body forwarded as received, the answer passed back untouched: a
 non-streamed body in one piece, a stream chunk by chunk as each arrives from the socket
 (never re-split into events, never re-encoded). Pooled keep-alive connections to instances
-(aiohttp).
+(upstream.py).
 
 Failure handling (DESIGN principle 7): connect errors, timeouts before headers, 429/502/
 503/504 and a body that breaks before anything reached the client are retried on another
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import orjson
 
 from modelfleet.errors import error_body
@@ -34,6 +33,7 @@ from modelfleet.gateway.pool import Inst, ModelState, NoInstance, Overloaded, Po
 from modelfleet.gateway.routes import RouteTable
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats
+from modelfleet.gateway.upstream import Connection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -41,12 +41,12 @@ Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
-# Response headers of an instance that describe its connection to us, not the answer.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server",
-    b"proxy-connection", b"upgrade", b"te", b"trailer",
-})
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+# Response headers of an instance passed to the client: those that describe the answer
+# (plus x-* and openai-* ones). Connection headers are hop-by-hop, and what a static server
+# adds (etag, last-modified, accept-ranges) means nothing for an API answer; each header also
+# costs time on the request path.
+PASS_HEADERS = frozenset({b"content-type", b"content-encoding", b"cache-control", b"retry-after", b"vary"})
+PASS_PREFIXES = (b"x-", b"openai-")
 STATUS_CLIENT_GONE = 499  # nginx's convention, for metrics only: nothing is sent
 
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
@@ -106,23 +106,13 @@ class Proxy:
         self.metrics = metrics
         self.stats = stats
         self.table = table
-        self.session: aiohttp.ClientSession | None = None
-        self._header_timeout = settings.header_timeout_s if settings.header_timeout_s < settings.read_timeout_s \
-            else None
+        self.upstream = UpstreamPool(settings.connect_timeout_s, settings.header_timeout_s, settings.read_timeout_s)
 
     async def start(self) -> None:
-        s = self.s
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30.0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s),
-            auto_decompress=False,  # bytes pass through as the instance sent them
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        return None
 
     async def stop(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        self.upstream.close()
 
     # -- entry ------------------------------------------------------------------------------
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
@@ -184,8 +174,8 @@ class Proxy:
     async def forward(self, send: Send, t0: float, m: ModelState, path: str, body: bytes, stream: bool,
                       session_id: bytes | None, watch: _Watch) -> None:
         s, pool = self.s, self.pool
-        assert self.session is not None
-        post = self.session.post
+        post = self.upstream.post
+        read_timeout = s.read_timeout_s
         tried: tuple[str, ...] = ()
         attempt = 0
         waited = 0.0  # seconds in the queue and at instances: not gateway overhead
@@ -212,32 +202,33 @@ class Proxy:
             attempt += 1
             tu = perf_counter()
             problem = ""
+            timed_out = False
             status = 0
             data = b""
-            resp = None
+            headers: list[tuple[bytes, bytes]] = []
+            conn: Connection | None = None
             handed_over = False
             try:
-                if self._header_timeout is None:
-                    resp = await post(inst.url_prefix + path, data=body, headers=_UPSTREAM_HEADERS)
-                else:
-                    async with asyncio.timeout(self._header_timeout):
-                        resp = await post(inst.url_prefix + path, data=body, headers=_UPSTREAM_HEADERS)
-                status = resp.status
+                conn = await post(inst.url_prefix, path, body)
+                status = conn.status
                 if stream and status == 200:
-                    handed_over = True  # stream() owns the slot and the response now
-                    return await self.stream(send, t0, m.name, resp, inst, waited + perf_counter() - tu, watch)
-                data = await resp.read()
-            except UPSTREAM_ERRORS as exc:
-                problem = _describe(exc)
-                status = 0
-                if resp is not None:
-                    resp.close()
+                    handed_over = True  # stream() owns the slot and the connection now
+                    return await self.stream(send, t0, m.name, conn, inst, waited + perf_counter() - tu, watch)
+                # Not streamed (or refused): read it all. A break here is still retryable,
+                # since nothing has reached the client.
+                data = await conn.read_all(read_timeout)
+                headers = conn.headers  # release() starts a new list for the next response
+                conn.release()
+            except UpstreamError as exc:
+                problem, timed_out, status = str(exc), exc.timeout, 0
+                if conn is not None:
+                    conn.close()
             except BaseException:
                 # Cancelled (the client went away): close the upstream connection, so the
                 # instance sees the disconnect and stops working for nobody; free the slot.
                 if not handed_over:
-                    if resp is not None:
-                        resp.close()
+                    if conn is not None:
+                        conn.close()
                     pool.release(inst)
                 raise
             waited += perf_counter() - tu
@@ -246,48 +237,51 @@ class Proxy:
                 pool.release(inst)
                 if status < 500:
                     pool.succeeded(inst, perf_counter() - tu)
-                assert resp is not None
-                return await self.respond(send, t0, m.name, status, data, resp.raw_headers, inst, waited, watch)
+                return await self.respond(send, t0, m.name, status, data, headers, inst, waited, watch)
             if status:
                 problem = f"HTTP {status}"
-                assert resp is not None
-                relay = (status, data, resp.raw_headers, inst)
+                relay = (status, data, headers, inst)
             pool.failed(inst, problem)  # before release: a queued request must not get an ejected one
             pool.release(inst)
             last_problem = f"{inst.id}: {problem}"
             tried += (inst.id,)
             if can_retry(attempt, t0, perf_counter(), s.max_attempts, s.retry_budget_s):
-                self.metrics.retries.labels(m.name, problem.split(":")[0]).inc()
+                self.metrics.retries.labels(m.name, "timeout" if timed_out else f"HTTP {status}" if status
+                                            else "connection").inc()
                 continue
             if relay is not None:
                 return await self.respond(send, t0, m.name, *relay, waited, watch)
-            timed_out = "Timeout" in problem
             return await self.fail(send, t0, m.name, 504 if timed_out else 502,
                                    f"upstream {'timed out' if timed_out else 'failed'} after {attempt} "
                                    f"attempt(s); last: {last_problem}", code="upstream_error", instance=inst.id)
 
-    async def stream(self, send: Send, t0: float, model: str, resp: aiohttp.ClientResponse, inst: Inst,
+    async def stream(self, send: Send, t0: float, model: str, conn: Connection, inst: Inst,
                      waited: float, watch: _Watch) -> None:
         """Pass an SSE stream through as it arrives. Nothing can be retried from here on."""
         prev = last = b""
         broken = ""
         tu = perf_counter()
+        read_timeout = self.s.read_timeout_s
+        complete = False
         try:
-            headers = self.response_headers(resp.raw_headers, inst, t0, waited)
+            headers = self.response_headers(conn.headers, inst, t0, waited)
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            first = True
-            try:
-                async for chunk in resp.content.iter_any():
-                    if first:
-                        self.metrics.observe_ttft(model, perf_counter() - t0)
-                        first = False
-                    prev, last = last, chunk
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except UPSTREAM_ERRORS as exc:
-                broken = _describe(exc)
+            chunk = await conn.read_chunk(read_timeout)
+            if chunk is not None:
+                self.metrics.observe_ttft(model, perf_counter() - t0)
+            while chunk is not None:
+                prev, last = last, chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await conn.read_chunk(read_timeout)
+            complete = True
+        except UpstreamError as exc:
+            broken = str(exc)
         finally:
             # Also on cancellation (client gone): the connection closes, the slot frees.
-            resp.close()
+            if complete:
+                conn.release()
+            else:
+                conn.close()
             if broken:
                 self.pool.failed(inst, f"stream broken: {broken}")
             self.pool.release(inst)
@@ -307,7 +301,11 @@ class Proxy:
     # -- answers ----------------------------------------------------------------------------
     def response_headers(self, raw: Any, inst: Inst | None, t0: float, waited: float,
                          extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
-        headers = [(k.lower(), v) for k, v in raw if k.lower() not in HOP_BY_HOP]
+        headers = []
+        for k, v in raw:
+            k = k.lower()
+            if k in PASS_HEADERS or k.startswith(PASS_PREFIXES):
+                headers.append((k, v))
         headers.append((b"x-modelfleet-instance", inst.id.encode() if inst is not None else b"-"))
         overhead_ms = max(0.0, perf_counter() - t0 - waited) * 1000
         headers.append((b"x-modelfleet-overhead-ms", b"%.3f" % overhead_ms))
@@ -350,12 +348,6 @@ class Proxy:
             self.stats.add(model, status, time.time())
 
 
-_UPSTREAM_HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
