@@ -29,10 +29,9 @@ export default {
         modelsCard(v),
         instancesCard(v),
         card("Requests / s", status ? rate(minute.requests / minuteS) : "–",
-          status
-            ? `${plural(minute.requests, "request")} in the last ${minuteS === 60 ? "minute" : seconds(minuteS)}; ` +
-              `${minute.errors} errors, ${minute.client_errors} client errors`
-            : "gateway status unavailable",
+          !status ? "gateway status unavailable" : !traffic.length ? "no model to count requests for yet"
+            : `${plural(minute.requests, "request")} in the last ${minuteS === 60 ? "minute" : seconds(minuteS)}; ` +
+              `${minute.errors} errors, ${minute.client_errors} client errors`,
           { id: "card-rate" }),
         routeCard(status),
         leaderCard(state.leader),
