@@ -19,7 +19,11 @@ for ``--window`` seconds it measures:
 - this load generator's own CPU, because it shares the machine's cores with the controller
   and the store: when it nears 100 % of a core, the numbers are the generator's limit.
 
-Prints a Rich table and writes bench/results/registry.json.
+Before that, per store, ``Store.heartbeat()`` runs in a closed loop from this process with no
+HTTP for ``--direct-seconds``: the store's own ceiling, so that the controller's share of the
+cost can be told from the store's.
+
+Prints Rich tables and writes bench/results/registry.json.
 """
 
 from __future__ import annotations
@@ -358,6 +362,76 @@ async def measure(
     return run
 
 
+# -- the store alone ------------------------------------------------------------------------
+@dataclass
+class Direct:
+    store: str
+    workers: int
+    concurrency: int
+    seconds: float
+    hb_s: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_pct: float = 0.0  # this process: Store client code, driver and event loop
+
+
+async def measure_direct(kind: str, url: str, n: int, args: argparse.Namespace) -> Direct:
+    """Store.heartbeat() in a closed loop from this process, no HTTP: the store's own ceiling,
+    to tell store cost from controller cost in the table above."""
+    from modelfleet.models import WorkerInfo
+    from modelfleet.store import open_store
+
+    store = open_store(url)
+    await store.migrate()
+    infos = [WorkerInfo.model_validate(worker_info("direct", i)) for i in range(n)]
+    for w in infos:  # registration is not what is measured here
+        await store.heartbeat(w, [])
+    lat: list[float] = []
+    me = psutil.Process()
+    stop = time.monotonic() + args.direct_seconds
+
+    async def loop(k: int) -> None:
+        i = k
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            await store.heartbeat(infos[i % n])
+            lat.append(time.perf_counter() - started)
+            i += args.direct_concurrency
+
+    c0, t0 = cpu_seconds([me]), time.monotonic()
+    await asyncio.gather(*(loop(k) for k in range(args.direct_concurrency)))
+    c1, t1 = cpu_seconds([me]), time.monotonic()
+    await store.close()
+    lat.sort()
+    return Direct(
+        store=kind,
+        workers=n,
+        concurrency=args.direct_concurrency,
+        seconds=t1 - t0,
+        hb_s=len(lat) / (t1 - t0),
+        p50_ms=statistics.median(lat) * 1000 if lat else None,
+        p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+        cpu_pct=(c1 - c0) / (t1 - t0) * 100,
+    )
+
+
+def direct_table(rows: list[Direct]) -> Table:
+    t = Table(title="Store alone: Store.heartbeat() from one process, no HTTP")
+    for col in ("store", "workers", "concurrency", "hb/s", "p50 ms", "p99 ms", "process CPU%"):
+        t.add_column(col, justify="left" if col == "store" else "right")
+    for r in rows:
+        t.add_row(
+            r.store,
+            str(r.workers),
+            str(r.concurrency),
+            fmt(r.hb_s, ".0f"),
+            fmt(r.p50_ms, ".2f"),
+            fmt(r.p99_ms, ".2f"),
+            fmt(r.cpu_pct, ".0f"),
+        )
+    return t
+
+
 # -- main ----------------------------------------------------------------------------------
 def fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
@@ -412,16 +486,33 @@ async def main() -> int:
         default=256,
         help="HTTP keep-alive connections the simulated workers share (real workers have one each)",
     )
+    ap.add_argument(
+        "--direct-seconds",
+        type=float,
+        default=5.0,
+        help="seconds of Store.heartbeat() without HTTP per store (0: skip)",
+    )
+    ap.add_argument("--direct-concurrency", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     counts = [int(x) for x in args.workers.split(",") if x.strip()]
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
 
     runs: list[Run] = []
+    direct: list[Direct] = []
     skipped: dict[str, str] = {}
     tmp = Path(tempfile.mkdtemp(prefix="mf-bench-registry-"))
     try:
         for store in stores:
+            if args.direct_seconds > 0:
+                server = PrivateStore(store, tmp)
+                if not server.available():
+                    try:
+                        row = await measure_direct(store, server.create(), max(counts), args)
+                        direct.append(row)
+                        console.print(f"{store}: store alone {row.hb_s:.0f} hb/s, p50 {fmt(row.p50_ms, '.2f')} ms")
+                    finally:
+                        server.drop()
             for n in counts:
                 server = PrivateStore(store, tmp)
                 why = server.available()
@@ -450,6 +541,8 @@ async def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    if direct:
+        console.print(direct_table(direct))
     console.print(table(runs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
@@ -469,6 +562,7 @@ async def main() -> int:
                 "for MariaDB and Redis",
                 "skipped": skipped,
                 "runs": [asdict(r) for r in runs],
+                "store_alone": [asdict(r) for r in direct],
             },
             indent=2,
         )

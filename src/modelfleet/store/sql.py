@@ -1082,7 +1082,10 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
             return "unavailable", "connection refused"
         if "timeout" in low:
             return "unavailable", "connection timed out"
-        if state.startswith(("08", "57")) or not state:
+        # Connection-level failures carry no SQLSTATE (or class 08/57); a statement error
+        # without one (a bad parameter, a bug) is not an outage.
+        connection_level = type(orig).__name__ in ("OperationalError", "InterfaceError")
+        if state.startswith(("08", "57")) or (not state and connection_level):
             return "unavailable", "connection to the server lost"
     if isinstance(orig, sqlite3.Error):
         if "unable to open database file" in low:
