@@ -18,8 +18,13 @@ ADMIN, JOIN = "admin-secret", "join-secret"
 
 def worker_body(wid: str = "w1", **extra) -> dict:
     return {
-        "worker": {"id": wid, "name": wid, "address": "127.0.0.1", "port": 8200,
-                   "resources": {"cpu_cores": 2, "memory_total": 8 << 30, "memory_free": 4 << 30, "gpus": []}},
+        "worker": {
+            "id": wid,
+            "name": wid,
+            "address": "127.0.0.1",
+            "port": 8200,
+            "resources": {"cpu_cores": 2, "memory_total": 8 << 30, "memory_free": 4 << 30, "gpus": []},
+        },
         **extra,
     }
 
@@ -27,8 +32,17 @@ def worker_body(wid: str = "w1", **extra) -> dict:
 @pytest.fixture
 def ctl(procs, sqlite_url, request):
     port = free_port()
-    procs.controller("ctl", port, getattr(request, "param", None) or "memory://", "--admin-token", ADMIN, "--join-token", JOIN,
-                     "--heartbeat-interval", "0.5")
+    procs.controller(
+        "ctl",
+        port,
+        getattr(request, "param", None) or "memory://",
+        "--admin-token",
+        ADMIN,
+        "--join-token",
+        JOIN,
+        "--heartbeat-interval",
+        "0.5",
+    )
     return f"http://127.0.0.1:{port}"
 
 
@@ -80,23 +94,41 @@ def test_malformed_heartbeat_names_the_field(ctl):
     r = httpx.post(f"{ctl}/v1/cluster/heartbeat", json=body, headers=join_h())
     assert r.status_code == 422
     assert r.json()["error"]["param"] == "worker.address"
-    r = httpx.post(f"{ctl}/v1/cluster/heartbeat", content=b"{not json", headers={**join_h(),
-                   "content-type": "application/json"})
+    r = httpx.post(
+        f"{ctl}/v1/cluster/heartbeat", content=b"{not json", headers={**join_h(), "content-type": "application/json"}
+    )
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
 
 
 def test_worker_goes_dead_and_routes_follow(ctl):
     """Health is computed on read: a silent worker turns dead after 3 intervals, and the
     routes revision moves so long-polling gateways learn it."""
-    httpx.post(f"{ctl}/v1/cluster/heartbeat", headers=join_h(), json=worker_body(
-        "w1", instances=[{"id": "w1/m", "declared": True, "state": "ready", "endpoint": "http://127.0.0.1:9", "model": "m",
-                          "backend": "openai", "source": "http://127.0.0.1:9", "max_concurrency": 2}]))
+    httpx.post(
+        f"{ctl}/v1/cluster/heartbeat",
+        headers=join_h(),
+        json=worker_body(
+            "w1",
+            instances=[
+                {
+                    "id": "w1/m",
+                    "declared": True,
+                    "state": "ready",
+                    "endpoint": "http://127.0.0.1:9",
+                    "model": "m",
+                    "backend": "openai",
+                    "source": "http://127.0.0.1:9",
+                    "max_concurrency": 2,
+                }
+            ],
+        ),
+    )
     routes = httpx.get(f"{ctl}/v1/cluster/routes", headers=join_h()).json()
     (m,) = routes["models"]
     assert m["name"] == "m" and [i["id"] for i in m["instances"]] == ["w1/m"]
     t0 = time.monotonic()
-    r = httpx.get(f"{ctl}/v1/cluster/routes", params={"since": routes["revision"], "wait": 10},
-                  headers=join_h(), timeout=15)
+    r = httpx.get(
+        f"{ctl}/v1/cluster/routes", params={"since": routes["revision"], "wait": 10}, headers=join_h(), timeout=15
+    )
     assert r.status_code == 200
     assert r.json()["models"][0]["instances"] == []  # model still known, no routable instance
     assert 1.0 < time.monotonic() - t0 < 4.0  # dead after 3 x 0.5 s, noticed within an interval
@@ -114,8 +146,11 @@ def test_routes_long_poll_answers_on_change_and_304_otherwise(ctl):
 
     def create_later() -> None:
         time.sleep(0.5)
-        httpx.post(f"{ctl}/v1/cluster/deployments", headers=admin_h(),
-                   json={"name": "late", "backend": "openai", "source": "http://127.0.0.1:9"})
+        httpx.post(
+            f"{ctl}/v1/cluster/deployments",
+            headers=admin_h(),
+            json={"name": "late", "backend": "openai", "source": "http://127.0.0.1:9"},
+        )
 
     threading.Thread(target=create_later).start()
     t0 = time.monotonic()
@@ -158,23 +193,32 @@ def test_keys_created_listed_revoked_through_cli(ctl):
 def test_wrong_store_url_stops_with_one_line_without_password(tmp_path):
     port = free_port()
     closed = free_port()
-    r = subprocess.run([*MODELFLEET, "controller", "--port", str(port), "--store",
-                        f"postgresql://bob:hunter2@127.0.0.1:{closed}/db"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*MODELFLEET, "controller", "--port", str(port), "--store", f"postgresql://bob:hunter2@127.0.0.1:{closed}/db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("modelfleet controller: cannot use store postgresql://127.0.0.1:")
     assert "hunter2" not in r.stderr and "bob" not in r.stderr
-    r = subprocess.run([*MODELFLEET, "controller", "--port", str(port), "--store", "mongodb://h/x"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*MODELFLEET, "controller", "--port", str(port), "--store", "mongodb://h/x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "unknown store URL scheme 'mongodb'" in r.stderr
 
 
 def test_leader_is_reported(ctl):
-    info = wait_for(lambda: httpx.get(f"{ctl}/v1/cluster/leader", headers=admin_h()).json(), 10,
-                    what="leader").copy()
-    wait_for(lambda: httpx.get(f"{ctl}/v1/cluster/leader", headers=admin_h()).json()["this_is_leader"], 10,
-             what="this controller to lead")
+    info = wait_for(lambda: httpx.get(f"{ctl}/v1/cluster/leader", headers=admin_h()).json(), 10, what="leader").copy()
+    wait_for(
+        lambda: httpx.get(f"{ctl}/v1/cluster/leader", headers=admin_h()).json()["this_is_leader"],
+        10,
+        what="this controller to lead",
+    )
     assert info["this_controller"]
 
 

@@ -51,7 +51,12 @@ class NetLab:
 
     def add_host(self, name: str) -> tuple[str, str]:
         n = len(self.hosts)
-        ns, outer, inner, ip = f"mf{self.tag}{name}", f"mfv{self.tag}{n}", f"mfp{self.tag}{n}", f"{self.subnet}.{11 + n}"
+        ns, outer, inner, ip = (
+            f"mf{self.tag}{name}",
+            f"mfv{self.tag}{n}",
+            f"mfp{self.tag}{n}",
+            f"{self.subnet}.{11 + n}",
+        )
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
         sh("ip", "link", "set", inner, "netns", ns)

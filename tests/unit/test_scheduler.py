@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from modelfleet.controller.scheduler import (
-    GiB,
     Capacity,
+    GiB,
     Need,
     Placed,
     Unplaced,
@@ -18,18 +18,37 @@ from modelfleet.controller.scheduler import (
 from modelfleet.models import GPU, Instance, Placement, Resources, WorkerRecord
 
 
-def worker(wid: str, *, mem_gib: float = 16, cpus: int = 8, gpus: list[float] | None = None,
-           labels: dict[str, str] | None = None, age: float = 0.5) -> WorkerRecord:
+def worker(
+    wid: str,
+    *,
+    mem_gib: float = 16,
+    cpus: int = 8,
+    gpus: list[float] | None = None,
+    labels: dict[str, str] | None = None,
+    age: float = 0.5,
+) -> WorkerRecord:
     return WorkerRecord(
-        id=wid, name=wid, address="10.0.0.1", port=8200, labels=labels or {}, heartbeat_age=age,
-        resources=Resources(cpu_cores=cpus, memory_total=int(mem_gib * GiB), memory_free=int(mem_gib * GiB),
-                            gpus=[GPU(index=i, name="H100", memory_total=int(g * GiB), memory_free=int(g * GiB))
-                                  for i, g in enumerate(gpus or [])]),
+        id=wid,
+        name=wid,
+        address="10.0.0.1",
+        port=8200,
+        labels=labels or {},
+        heartbeat_age=age,
+        resources=Resources(
+            cpu_cores=cpus,
+            memory_total=int(mem_gib * GiB),
+            memory_free=int(mem_gib * GiB),
+            gpus=[
+                GPU(index=i, name="H100", memory_total=int(g * GiB), memory_free=int(g * GiB))
+                for i, g in enumerate(gpus or [])
+            ],
+        ),
     )
 
 
-def caps_of(*workers: WorkerRecord, instances: list[Instance] | None = None,
-            needs: dict[str, Need] | None = None) -> list[Capacity]:
+def caps_of(
+    *workers: WorkerRecord, instances: list[Instance] | None = None, needs: dict[str, Need] | None = None
+) -> list[Capacity]:
     return capacities(list(workers), {w.id for w in workers}, instances or [], needs or {})
 
 
