@@ -44,6 +44,7 @@ class GatewayMetrics:
         self._req: dict[tuple[str, int], Callable[[], None]] = {}
         self._lat: dict[str, Callable[[float], None]] = {}
         self._ttft: dict[str, Callable[[float], None]] = {}
+        self._tok: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
 
     def attach(self, pool: Pool, watcher: RouteWatcher) -> None:
         self.registry.register(_LiveCollector(pool, watcher))
@@ -68,10 +69,13 @@ class GatewayMetrics:
         f(seconds)
 
     def count_tokens(self, model: str, prompt: int | None, completion: int | None) -> None:
+        f = self._tok.get(model)
+        if f is None:
+            f = self._tok[model] = (self.tokens.labels(model, "in").inc, self.tokens.labels(model, "out").inc)
         if prompt:
-            self.tokens.labels(model, "in").inc(prompt)
+            f[0](prompt)
         if completion:
-            self.tokens.labels(model, "out").inc(completion)
+            f[1](completion)
 
 
 class _LiveCollector(Collector):
