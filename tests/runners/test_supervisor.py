@@ -19,9 +19,10 @@ import psutil
 import pytest
 
 from modelfleet.models import InstanceSpec, InstanceState
+from modelfleet.worker.runners import Launch, LaunchError, register_backend
 from modelfleet.worker.runners.backend_vllm import MISSING as VLLM_MISSING
 from modelfleet.worker.supervisor import Supervisor, sanitize_id
-from tests.runners.helpers import alive, port_start, status_of, wait_for, wait_gone
+from tests.runners.helpers import alive, port_start, scripted_launch, status_of, wait_for, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -323,3 +324,30 @@ def test_kill_9_of_the_owner_leaves_no_runner(tmp_path: Path) -> None:
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+async def test_config_error_heals_when_the_world_does(tmp_path: Path) -> None:
+    """A config error starts nothing, but is checked again every backoff_max seconds: a model
+    file that appears later (a late mount) gets the instance going without a redeploy."""
+    marker = tmp_path / "model.bin"
+
+    def needs_file(spec: InstanceSpec, host: str, port: int) -> Launch:
+        if not marker.exists():
+            raise LaunchError(f"model path does not exist: {marker}")
+        return scripted_launch(spec, host, port)
+
+    register_backend("needs-file", needs_file)
+    s = Supervisor(log_dir=tmp_path / "logs", port_start=port_start(), backoff_max=0.3)
+    try:
+        spec = InstanceSpec(id="w1/late", model="late", backend="needs-file", source=str(marker))
+        await s.apply([spec])
+        st = await wait_for(s, spec.id, lambda x: x.state == InstanceState.FAILED, 10, "failed")
+        assert st.last_error == f"model path does not exist: {marker}" and st.pid is None
+        g = s.generation
+        await asyncio.sleep(1.0)
+        assert s.generation == g  # re-checks that fail the same way report nothing new
+        marker.touch()
+        st = await wait_for(s, spec.id, lambda x: x.state == InstanceState.READY, 10, "ready")
+        assert st.restarts == 0
+    finally:
+        await s.stop_all()

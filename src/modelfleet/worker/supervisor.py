@@ -16,7 +16,8 @@ machine match, in background tasks, and reports what it observes (``statuses``,
   times in a row is restarted after a backoff (``backoff_initial`` doubling up to
   ``backoff_max``; back to the start after a run that stayed up ``backoff_max``).
 - Problems no restart can fix (unknown backend, missing package, missing model path, bad
-  parameter) fail the instance at once with that message and are not retried.
+  parameter) fail the instance at once with that message; nothing is started, and the
+  check is repeated every ``backoff_max`` seconds (a late mount or an install heals it).
 - Stop: SIGTERM to the runner's process group, SIGKILL after ``stop_grace``.
 - Nothing raises out of the Supervisor's background work: every failure ends as a
   failed instance.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -133,7 +135,7 @@ class _Managed:
 
 def _restart_key(spec: InstanceSpec) -> tuple[Any, ...]:
     """What, when it changes, needs a new runner (the rest is updated in place)."""
-    return (spec.model, spec.backend, spec.source, repr(sorted(spec.params.items(), key=lambda kv: kv[0])))
+    return (spec.model, spec.backend, spec.source, json.dumps(spec.params, sort_keys=True, default=str))
 
 
 class Supervisor:
@@ -434,8 +436,11 @@ class Supervisor:
                 port = self._pick_port(m)
                 launch = prepare_launch(m.spec, self.bind_host, port)
             except LaunchError as exc:
+                # No restart can fix this, but the world can (a mount appears, a package is
+                # installed): check again now and then, quietly, without starting anything.
                 self._fail(m, str(exc))
-                return
+                await asyncio.sleep(self.backoff_max)
+                continue
             assert launch.argv, f"backend {m.spec.backend} returned no command"
             m.launch = launch
             self._set(m, port=port, endpoint=self._endpoint(port), state=InstanceState.STARTING)

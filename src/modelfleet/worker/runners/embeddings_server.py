@@ -58,7 +58,9 @@ class Encoder:
         self.model = model
         self.batch_size = batch_size
         self.max_seq_length = int(getattr(model, "max_seq_length", 0) or 512)
-        self.dimension = int(model.get_sentence_embedding_dimension())
+        # sentence-transformers 6 renamed the method; keep working with the older name too.
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dimension = int(dim())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -92,12 +94,18 @@ class Encoder:
     async def _loop(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        carry: _Job | None = None
         while True:
-            jobs = [await self._queue.get()]
-            # Take whatever else is already waiting (no added wait: latency stays that of one batch).
+            jobs = [carry if carry is not None else await self._queue.get()]
+            carry = None
+            # Add what is already waiting, up to one batch: no added wait, and no giant batch
+            # either (on CPU, per-text cost grows with the batch's padded length).
             n = len(jobs[0].texts)
-            while n < self.batch_size * 4 and not self._queue.empty():
+            while not self._queue.empty():
                 job = self._queue.get_nowait()
+                if n + len(job.texts) > self.batch_size:
+                    carry = job
+                    break
                 jobs.append(job)
                 n += len(job.texts)
             jobs = [j for j in jobs if not j.future.cancelled()]
