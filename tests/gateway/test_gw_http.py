@@ -121,3 +121,27 @@ def test_health_status_metrics_and_console_hooks(gw: Cluster) -> None:
     root = httpx.get(f"{g}/")
     assert root.status_code == 200
     assert httpx.get(f"{g}/ui/definitely-missing.js").status_code == 404
+
+
+def test_several_processes_share_the_port_and_sum_their_metrics(cluster: Cluster) -> None:
+    two_instance_cluster(cluster, "m", "--processes", "2")
+    g = cluster.gateway_url
+    pids = set()
+    with httpx.Client() as client:  # keep-alive off: new connections spread over the processes
+        for _ in range(40):
+            r = client.post(f"{g}/v1/chat/completions", json=chat(), headers={"connection": "close"})
+            assert r.status_code == 200
+        for _ in range(20):
+            pids.add(client.get(f"{g}/health/live", headers={"connection": "close"}).json()["pid"])
+    assert len(pids) == 2, "SO_REUSEPORT spread connections over both processes"
+
+    def total() -> float:
+        text = httpx.get(f"{g}/metrics", headers={"connection": "close"}).text
+        line = next(x for x in text.splitlines() if x.startswith('modelfleet_gateway_requests_total{model="m"'))
+        return float(line.split()[-1])
+
+    assert {total() for _ in range(6)} == {40.0}  # whichever process answers the scrape
+    text = httpx.get(f"{g}/metrics").text
+    assert 'modelfleet_gateway_instance_in_flight{instance="w1/a",model="m"}' in text
+    status = cluster.status()
+    assert status["processes"] == 2 and status["process"] in (0, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -67,6 +67,7 @@ class GatewayApp:
         self._first_table = asyncio.Event()
         self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
         self._grace: Grace | None = None  # see routes.keep_missing
+        self._publisher: asyncio.Task[None] | None = None
         self.other = self._build_app()
 
     # -- ASGI -----------------------------------------------------------------------------
@@ -100,6 +101,8 @@ class GatewayApp:
         self.watcher.load_snapshot()
         await self.proxy.start()
         await self.watcher.start()
+        if self.metrics.multiprocess:
+            self._publisher = asyncio.create_task(self._publish_metrics(), name="metrics-publisher")
         if not self.watcher.freshness.loaded and self.s.controller_list:
             # Answering "no such model" for every model until the first table arrives would be
             # wrong; a short wait at start usually avoids it.
@@ -113,7 +116,17 @@ class GatewayApp:
                  __version__, s.host, s.port, proc, ",".join(s.controller_list) or "none",
                  s.snapshot or "off", self._auth_state())
 
+    async def _publish_metrics(self) -> None:
+        while True:
+            try:
+                self.metrics.publish()
+            except Exception:  # a metrics hiccup must never stop serving
+                log.exception("publishing metrics failed")
+            await asyncio.sleep(1.0)
+
     async def shutdown(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
         await self.watcher.stop()
         await self.proxy.stop()
 
@@ -212,7 +225,7 @@ class GatewayApp:
                               "models": len(self.pool.models)}, 200 if ok else 503)
 
     async def metrics_endpoint(self, _: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def _key_ok(self, request: Request) -> bool:
         return key_allowed(request.headers.get("authorization", "").encode(), self.table.key_hashes)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
 
 from modelfleet.gateway.api import create_app
+from modelfleet.gateway.metrics import MULTIPROC_ENV
 
 __all__ = ["create_app", "run_gateway", "serve"]
 from modelfleet.gateway.settings import GatewaySettings
@@ -60,6 +64,10 @@ def run_gateway(settings: GatewaySettings) -> None:
         serve(settings, 0)
         return
     _setup_logging(settings.log_level)
+    # Metrics shared by the processes (a scrape lands on any one): prometheus_client's
+    # multiprocess mode, which every child reads from its environment at import.
+    metrics_dir = tempfile.mkdtemp(prefix="modelfleet-gateway-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
 
@@ -87,11 +95,14 @@ def run_gateway(settings: GatewaySettings) -> None:
         for i, p in list(procs.items()):
             if not p.is_alive() and not stopping:
                 log.warning("gateway process %d (pid %s) exited with %s; restarting it", i, p.pid, p.exitcode)
+                if p.pid:
+                    mark_process_dead(p.pid, metrics_dir)  # its live gauges no longer count
                 start(i)
     for p in procs.values():
         p.join(timeout=15)
         if p.is_alive() and p.pid:
             os.kill(p.pid, signal.SIGKILL)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _setup_logging(level: str) -> None:

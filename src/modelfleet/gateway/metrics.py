@@ -4,21 +4,37 @@ hold several gateways; `modelfleet up` may hold every role).
 Counters and histograms are updated on the request path through cached label children.
 Gauges (in flight, queued, ejected, route-table age) are not: a collector reads the live
 state when /metrics is scraped, which costs the request path nothing.
+
+With several gateway processes on one port (``processes`` > 1) a scrape lands on any one of
+them, so the supervisor sets PROMETHEUS_MULTIPROC_DIR: counters and histograms then live in
+files every process writes, the live gauges are copied there once a second, and /metrics
+sums (in flight, queued) or takes the max (ejected, table age) over live processes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from modelfleet.gateway.pool import Pool
     from modelfleet.gateway.routes import RouteWatcher
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How each live gauge adds up over processes.
+GAUGE_MODES = {
+    "modelfleet_gateway_in_flight": "livesum", "modelfleet_gateway_queued": "livesum",
+    "modelfleet_gateway_instance_in_flight": "livesum", "modelfleet_gateway_instance_ejected": "livemax",
+    "modelfleet_gateway_route_table_age_seconds": "livemax", "modelfleet_gateway_route_table_fresh": "livemin",
+    "modelfleet_gateway_route_table_revision": "livemax",
+}
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -45,9 +61,45 @@ class GatewayMetrics:
         self._lat: dict[str, Callable[[float], None]] = {}
         self._ttft: dict[str, Callable[[float], None]] = {}
         self._tok: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._published: dict[str, set[tuple[str, ...]]] = {}
 
     def attach(self, pool: Pool, watcher: RouteWatcher) -> None:
-        self.registry.register(_LiveCollector(pool, watcher))
+        self.live = _LiveCollector(pool, watcher)
+        if not self.multiprocess:
+            self.registry.register(self.live)  # else publish() copies it to the shared files
+
+    @property
+    def multiprocess(self) -> bool:
+        return bool(os.environ.get(MULTIPROC_ENV))
+
+    def exposition(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def publish(self) -> None:
+        """Multi-process mode: copy the live gauges into the shared files. Label sets that
+        vanished (a removed instance) are set to 0 rather than left at their last value."""
+        seen: dict[str, set[tuple[str, ...]]] = {}
+        for family in self.live.collect():
+            g = self._gauges.get(family.name)
+            labels = list(family.samples[0].labels) if family.samples else []
+            if g is None:
+                g = self._gauges[family.name] = Gauge(family.name, family.documentation, labels, registry=None,
+                                                      multiprocess_mode=GAUGE_MODES[family.name])
+            keys = seen.setdefault(family.name, set())
+            for sample in family.samples:
+                key = tuple(sample.labels.values())
+                keys.add(key)
+                (g.labels(*key) if key else g).set(sample.value)
+        for name, keys in self._published.items():
+            for key in keys - seen.get(name, set()):
+                if key:
+                    self._gauges[name].labels(*key).set(0)
+        self._published = seen
 
     # Cached children: .labels() takes a lock and builds a tuple key on every call.
     def count(self, model: str, status: int) -> None:
