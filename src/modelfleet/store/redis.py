@@ -28,12 +28,12 @@ single Redis, not Redis Cluster):
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
@@ -283,14 +283,14 @@ def _parse_url(url: str) -> tuple[str, str]:
 
 def _instance_doc(inst: Instance) -> dict[str, Any]:
     doc = inst.model_dump(mode="json")
-    doc["params"] = json.dumps(inst.params, separators=(",", ":"))
+    doc["params"] = orjson.dumps(inst.params).decode()
     doc["updated_at"] = f"{inst.updated_at:.6f}"
     return doc
 
 
 def _instance(raw: str) -> Instance:
-    doc = json.loads(raw)
-    doc["params"] = json.loads(doc["params"])
+    doc = orjson.loads(raw)
+    doc["params"] = orjson.loads(doc["params"])
     doc["updated_at"] = float(doc["updated_at"])
     return Instance.model_validate(doc)
 
@@ -432,7 +432,7 @@ class RedisStore(Store):
                         )
                     )
                 items.append(item)
-            report = json.dumps(items, separators=(",", ":"))
+            report = orjson.dumps(items).decode()
         registered, rev = await self._script("heartbeat", worker.id, worker.model_dump_json(), report, repeatable=True)
         return HeartbeatResult(registered=registered == 1, revision=int(rev))
 
@@ -440,7 +440,7 @@ class RedisStore(Store):
     def _worker(info: str, registered_at: str | None, hb: float, now: float) -> WorkerRecord:
         return WorkerRecord.model_validate(
             {
-                **json.loads(info),
+                **orjson.loads(info),
                 "last_heartbeat": hb,
                 "registered_at": float(registered_at or hb),
                 "heartbeat_age": max(0.0, now - hb),
@@ -487,7 +487,7 @@ class RedisStore(Store):
     # -- instances -----------------------------------------------------------------
     async def create_instance(self, spec: InstanceSpec) -> Instance:
         doc = _instance_doc(Instance(**spec.model_dump()))
-        raw = await self._script("create_instance", spec.id, json.dumps(doc))
+        raw = await self._script("create_instance", spec.id, orjson.dumps(doc).decode())
         if raw is None:
             raise StoreError(f"instance {spec.id} exists")
         return _instance(raw)
@@ -515,14 +515,14 @@ class RedisStore(Store):
             if k not in allowed:
                 raise StoreError(f"field {k} cannot be updated")
             if k == "params":
-                patch[k] = json.dumps(v, separators=(",", ":"))
+                patch[k] = orjson.dumps(v).decode()
             elif k == "state":
                 patch[k] = InstanceState(v).value  # type: ignore[arg-type]
             elif k == "enabled":
                 patch[k] = bool(v)
             else:
                 patch[k] = v
-        raw = await self._script("update_instance", instance_id, json.dumps(patch), repeatable=True)
+        raw = await self._script("update_instance", instance_id, orjson.dumps(patch).decode(), repeatable=True)
         return _instance(raw) if raw else None
 
     async def delete_instance(self, instance_id: str) -> bool:
@@ -536,7 +536,7 @@ class RedisStore(Store):
 
     @staticmethod
     def _deployment(body: str, created: str | None, updated: str | None) -> Deployment:
-        doc = json.loads(body)
+        doc = orjson.loads(body)
         doc.update(created_at=float(created or 0), updated_at=float(updated or 0))
         return Deployment.model_validate(doc)
 
@@ -582,7 +582,7 @@ class RedisStore(Store):
 
     # -- api keys ------------------------------------------------------------------
     async def create_api_key(self, key: ApiKey) -> ApiKey:
-        body = json.dumps({"id": key.id, "name": key.name, "secret_hash": key.secret_hash})
+        body = orjson.dumps({"id": key.id, "name": key.name, "secret_hash": key.secret_hash}).decode()
         created = await self._script("create_key", key.id, body, "1" if key.revoked else "0")
         if created is None:
             raise StoreError(f"api key {key.id} exists")
@@ -593,7 +593,7 @@ class RedisStore(Store):
             lambda p: (p.hgetall(self._k("keys")), p.hgetall(self._k("keyc")), p.smembers(self._k("keyrev")))
         )
         return [
-            ApiKey(**json.loads(bodies[i]), created_at=float(created.get(i, 0)), revoked=i in revoked)
+            ApiKey(**orjson.loads(bodies[i]), created_at=float(created.get(i, 0)), revoked=i in revoked)
             for i in sorted(bodies)
         ]
 

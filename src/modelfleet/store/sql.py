@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import socket
 import sqlite3
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
@@ -128,12 +128,13 @@ def _alembic_config(connection: sa.Connection) -> Any:
 
 
 def _loads(value: Any) -> Any:
-    # PostgreSQL's json columns come back parsed; MySQL and SQLite hand back the text.
-    return json.loads(value) if isinstance(value, str | bytes) else value
+    # PostgreSQL's json columns come back parsed (by orjson, see _install_ping_hooks); MySQL
+    # and SQLite hand back the text.
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return orjson.dumps(value).decode()
 
 
 class SQLStore(Store):
@@ -245,8 +246,9 @@ class SQLStore(Store):
             # "begin" hook below decides the kind of transaction.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
+            # WAL is switched on by migrate() (see _enable_wal). NORMAL: in WAL mode a crash can
+            # lose the last commits before a checkpoint, never corrupt the file.
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -573,8 +575,28 @@ class SQLStore(Store):
                         conn.execute(text(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_WAIT_S}s'"))
                         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATE_LOCK})
                     command.upgrade(_alembic_config(conn), "head")
+                if self.dialect == "sqlite":
+                    self._enable_wal(engine)
         finally:
             engine.dispose()
+
+    @staticmethod
+    def _enable_wal(engine: sa.Engine) -> None:
+        """WAL (readers never block the writer), switched on once the file has a schema.
+
+        Not on every connect: two connections switching a brand-new, empty file to WAL at once
+        can each believe they hold the write lock (one by the rollback journal's rules, one by
+        WAL's), which let two migrate() calls both create the tables. On a file with content
+        the switch takes the exclusive lock like any writer, and the mode is stored in the file,
+        so every later connection is in WAL without asking."""
+        try:
+            with engine.connect() as conn:
+                # On the driver connection: outside any transaction (a journal-mode change
+                # inside one is silently ignored), which SQLAlchemy's autobegin would open.
+                conn.connection.dbapi_connection.execute("PRAGMA journal_mode=WAL")  # type: ignore[union-attr]
+        except (sa.exc.OperationalError, sqlite3.OperationalError):
+            # Busy with another writer: a performance setting, the next migrate() sets it.
+            pass
 
     async def ping(self) -> None:
         async def op(conn: AsyncConnection) -> Any:
@@ -919,6 +941,12 @@ def _install_ping_hooks(engine: sa.Engine, idle_s: float) -> None:
     @event.listens_for(engine, "connect")
     def _fresh(dbapi_conn: Any, rec: Any) -> None:
         rec.info["modelfleet_used"] = time.monotonic()
+        if engine.dialect.name == "postgresql":
+            # psycopg parses json columns with the stdlib by default: most of list_workers()'s
+            # CPU for a big cluster. orjson does it several times faster.
+            from psycopg.types.json import set_json_loads
+
+            set_json_loads(orjson.loads, dbapi_conn.driver_connection)
 
     @event.listens_for(engine, "checkin")
     def _checkin(dbapi_conn: Any, rec: Any) -> None:
@@ -957,17 +985,22 @@ def _instance_params(inst: Instance) -> dict[str, Any]:
 
 
 def _worker(row: sa.Row[Any]) -> WorkerRecord:
-    return WorkerRecord(
-        id=row.id,
-        name=row.name,
-        address=row.address,
-        port=row.port,
-        labels=_loads(row.labels),
-        resources=_loads(row.resources),
-        version=row.version,
-        last_heartbeat=float(row.last_heartbeat),
-        registered_at=float(row.registered_at),
-        heartbeat_age=float(row.age),
+    # Positional: the column order of _WORKER_COLUMNS + age. list_workers() maps thousands of
+    # rows on the controller's event loop, so this stays lean.
+    wid, name, address, port, labels, resources, version, last_hb, registered_at, age = row
+    return WorkerRecord.model_validate(
+        {
+            "id": wid,
+            "name": name,
+            "address": address,
+            "port": port,
+            "labels": _loads(labels),
+            "resources": _loads(resources),
+            "version": version,
+            "last_heartbeat": float(last_hb),
+            "registered_at": float(registered_at),
+            "heartbeat_age": float(age),
+        }
     )
 
 
