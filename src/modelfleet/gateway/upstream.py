@@ -15,6 +15,7 @@ half-read body) closes it, so the instance sees the disconnect at once.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import Any
@@ -24,6 +25,8 @@ import httptools
 
 IDLE_CLOSE_S = 30.0  # close pooled connections unused for this long
 MAX_BUFFER = 1 << 20  # stop reading from an instance while this much waits for a slow client
+
+Endpoint = tuple[str, int, bool]  # host, port, TLS
 
 
 class UpstreamError(Exception):
@@ -42,7 +45,7 @@ class Connection(asyncio.Protocol):
         "endpoint", "headers", "keep_alive", "last_used", "parser", "pool", "status", "transport",
     )
 
-    def __init__(self, pool: UpstreamPool, endpoint: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, endpoint: Endpoint) -> None:
         self.pool = pool
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
@@ -207,27 +210,29 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.header_timeout = header_timeout
         self.read_timeout = read_timeout
-        self._idle: dict[tuple[str, int], list[Connection]] = {}
-        self._prefix: dict[tuple[str, str], tuple[tuple[str, int], bytes]] = {}
+        self._idle: dict[Endpoint, list[Connection]] = {}
+        self._prefix: dict[tuple[str, str], tuple[Endpoint, bytes]] = {}
         self._all: set[Connection] = set()
+        self._tls: ssl.SSLContext | None = None
 
-    def _target(self, base_url: str, path: str) -> tuple[tuple[str, int], bytes]:
-        """(host, port) and the request head up to Content-Length, cached per URL."""
+    def _target(self, base_url: str, path: str) -> tuple[Endpoint, bytes]:
+        """(host, port, tls) and the request head up to Content-Length, cached per URL."""
         key = (base_url, path)
         t = self._prefix.get(key)
         if t is None:
             u = urlsplit(base_url)
-            if u.scheme != "http" or not u.hostname:
-                raise UpstreamError(f"unsupported instance endpoint {base_url!r} (http:// only)")
-            port = u.port or 80
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise UpstreamError(f"unsupported instance endpoint {base_url!r} (http:// or https://)")
+            tls = u.scheme == "https"
+            port = u.port or (443 if tls else 80)
             full = (u.path.rstrip("/") + path).encode()
             head = (b"POST " + full + b" HTTP/1.1\r\nHost: " + u.netloc.encode()
                     + b"\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream"
                     + b"\r\nContent-Length: ")
-            t = self._prefix[key] = ((u.hostname, port), head)
+            t = self._prefix[key] = ((u.hostname, port, tls), head)
         return t
 
-    async def _connect(self, endpoint: tuple[str, int]) -> Connection:
+    async def _connect(self, endpoint: Endpoint) -> Connection:
         loop = asyncio.get_running_loop()
         idle = self._idle.get(endpoint)
         now = time.monotonic()
@@ -237,9 +242,13 @@ class UpstreamPool:
                 if now - conn.last_used < IDLE_CLOSE_S:
                     return conn
                 conn.close()
+        host, port, tls = endpoint
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, proto = await loop.create_connection(lambda: Connection(self, endpoint), *endpoint)
+                _, proto = await loop.create_connection(lambda: Connection(self, endpoint), host, port,
+                                                        ssl=self._tls if tls else None)
         except TimeoutError:
             raise UpstreamError(f"connect to {endpoint[0]}:{endpoint[1]} timed out", timeout=True) from None
         except OSError as exc:
