@@ -148,6 +148,34 @@ class RevisionWatcher:
                 return False
 
 
+class AssignmentCache:
+    """Every worker's assigned instances, read once per routing revision, not once per heartbeat.
+
+    During a mass registration the revision moves with every new worker; re-reading one
+    worker's instances on each heartbeat would make the cost grow with the square of the
+    cluster. One full read per revision, shared by all heartbeats, keeps it flat."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.revision = -1
+        self.by_worker: dict[str, list[dict[str, Any]]] = {}
+        self._lock = asyncio.Lock()
+
+    async def for_worker(self, worker_id: str, at_least: int) -> list[dict[str, Any]]:
+        if self.revision < at_least:
+            async with self._lock:
+                if self.revision < at_least:
+                    # Read the revision first: the instances read after it are at least that new.
+                    revision = await self.store.get_revision()
+                    by_worker: dict[str, list[dict[str, Any]]] = {}
+                    for i in await self.store.list_instances():
+                        if i.deployment is not None and i.worker_id is not None:
+                            spec = InstanceSpec.model_validate(i.model_dump()).model_dump()
+                            by_worker.setdefault(i.worker_id, []).append(spec)
+                    self.by_worker, self.revision = by_worker, max(revision, at_least)
+        return self.by_worker.get(worker_id, [])
+
+
 class Controller:
     """State and background loops of one controller process."""
 
@@ -157,6 +185,7 @@ class Controller:
         self.ready = False
         self.not_ready_reason = "starting"
         self.revisions = RevisionWatcher(self.store)
+        self.assignments = AssignmentCache(self.store)
         self.reconciler = Reconciler(
             self.store, ttl=settings.worker_ttl, grace=settings.reschedule_grace,
             moves_per_minute=settings.moves_per_minute, drain_timeout=settings.drain_timeout,
@@ -321,11 +350,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Fast
             result = await ctl.store.heartbeat(body.worker, body.instances)
             assignments = None
             if result.registered or result.revision != body.known_revision or body.instances is not None:
-                assigned = await ctl.store.list_instances(worker_id=body.worker.id)
-                assignments = [
-                    InstanceSpec.model_validate(i.model_dump()).model_dump()
-                    for i in assigned if i.deployment is not None
-                ]
+                assignments = await ctl.assignments.for_worker(body.worker.id, result.revision)
         except StoreError as exc:
             CONTROLLER_HEARTBEATS.labels("store_down").inc()
             raise _store_call_error(exc) from exc
