@@ -1,7 +1,7 @@
 """What a runner costs: the bundled models through their runner's HTTP against the same
 model called in-process, side by side in one run.
 
-    .venv/bin/python bench/runners.py [--trials 10] [--budget 20] [--max-tokens 32] [--threads 2]
+    .venv/bin/python bench/runners.py [--trials 10] [--budget 25] [--max-tokens 32] [--threads 1]
 
 - chat (SmolLM2-135M, llama.cpp backend): completion tokens/s for 1 stream and for 4
   concurrent streams, through the llama.cpp runner (streamed SSE over HTTP) against
@@ -102,7 +102,8 @@ async def gather_limited(jobs: list[Callable[[], Awaitable[int]]], concurrency: 
         nonlocal total
         while queue:
             job = queue.pop(0)
-            total += await job()
+            n = await job()  # not `total += await job()`: that reads total before the await
+            total += n
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return total
@@ -152,10 +153,13 @@ async def paired(trials: int, budget_s: float, inproc: Callable[[], int],
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=10, help="paired trials per scenario, at most")
-    ap.add_argument("--budget", type=float, default=20.0, help="seconds per scenario (at least 3 pairs run)")
+    ap.add_argument("--budget", type=float, default=25.0, help="seconds per scenario (at least 3 pairs run)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    # One thread by default: on a shared machine, a 2-thread OpenMP region stalls whenever a
+    # neighbour preempts either thread, and the figures turn to noise.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--only", default="", help="run only scenarios whose name contains this (chat, embeddings)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     console = Console()
@@ -167,7 +171,7 @@ async def main() -> None:
     # No health probes during the run: the in-process side blocks this loop on purpose.
     sup = Supervisor(log_dir=Path(tempfile.mkdtemp(prefix="bench-runners-")), port_start=31000,
                      startup_timeout=180, health_interval=3600)
-    llama_params = {"n_ctx": args.n_ctx, "n_threads": args.threads}
+    llama_params = {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_threads_batch": args.threads}
     specs = [InstanceSpec(id="bench/chat", model=chat_model, backend="llama.cpp", source=chat_model,
                           params=llama_params),
              InstanceSpec(id="bench/emb", model=emb_model, backend="sentence-transformers", source=emb_model,
@@ -245,6 +249,8 @@ async def main() -> None:
                 ("embeddings, 32 texts/request, 4 clients", "embeddings/s", emb32_in, emb32_http),
             ]
             for name, unit, fin, fhttp in scenarios:
+                if args.only not in name:
+                    continue
                 console.print(f"  {name}…")
                 results.append({"scenario": name, "unit": unit, **await paired(args.trials, args.budget, fin, fhttp)})
     finally:

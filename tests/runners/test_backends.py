@@ -34,6 +34,7 @@ def test_llama_cpp_command_line() -> None:
     assert (flag(argv, "--host"), flag(argv, "--port")) == ("0.0.0.0", "30001")
     assert (flag(argv, "--n_ctx"), flag(argv, "--n_threads"), flag(argv, "--n_gpu_layers")) == ("4096", "3", "-1")
     assert flag(argv, "--interrupt_requests") == "false"
+    assert flag(argv, "--n_threads_batch") == "3"  # follows n_threads unless given
     assert flag(argv, "--flash_attn") == "true"
     i = argv.index("--tensor_split")
     assert argv[i + 1 : i + 3] == ["0.5", "0.5"]

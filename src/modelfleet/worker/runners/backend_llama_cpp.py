@@ -92,15 +92,21 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
     if unknown:
         raise LaunchError(f"backend {NAME}: unknown parameter(s) {', '.join(unknown)} "
                           "(see llama_cpp/server/settings.py for the accepted ones)")
+    threads = as_int(params, "n_threads", NAME) or default_threads()
     settings: dict[str, Any] = {
         "n_ctx": as_int(params, "n_ctx", NAME) or DEFAULT_N_CTX,
-        "n_threads": as_int(params, "n_threads", NAME) or default_threads(),
+        "n_threads": threads,
+        # The server's default is every core, whatever n_threads says: a runner limited to
+        # n_threads would still take the whole machine while it reads a prompt.
+        "n_threads_batch": as_int(params, "n_threads_batch", NAME) or threads,
         "n_gpu_layers": as_int(params, "n_gpu_layers", NAME) or 0,
         "interrupt_requests": False,
     }
     for key, value in params.items():
-        if key in LLAMA_SERVER_FIELDS and key not in ("n_ctx", "n_threads", "n_gpu_layers") and value is not None:
+        if key in LLAMA_SERVER_FIELDS and key not in settings and value is not None:
             settings[key] = value
+    if params.get("interrupt_requests") is not None:
+        settings["interrupt_requests"] = params["interrupt_requests"]  # an explicit choice wins
     argv = [*python_module_argv("llama_cpp.server"),
             "--model", str(model_path), "--model_alias", spec.model, "--host", host, "--port", str(port)]
     for key, value in settings.items():

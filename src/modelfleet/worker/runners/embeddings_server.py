@@ -61,18 +61,43 @@ class Encoder:
         # sentence-transformers 6 renamed the method; keep working with the older name too.
         dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dimension = int(dim())
+        # Models with a default prompt or a truncated dimension need encode()'s extra steps.
+        self._direct = (getattr(model, "default_prompt_name", None) is None
+                        and getattr(model, "truncate_dim", None) is None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def encode_now(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """Embeddings (float32, one row per text) and the token count of each text."""
-        vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                    show_progress_bar=False)
-        enc = self.model.tokenizer(texts, add_special_tokens=True, truncation=True,
-                                   max_length=self.max_seq_length)
-        counts = [len(ids) for ids in enc["input_ids"]]
-        return np.asarray(vectors, dtype=np.float32), counts
+        if not self._direct:
+            vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                        show_progress_bar=False)
+            enc = self.model.tokenizer(texts, add_special_tokens=True, truncation=True,
+                                       max_length=self.max_seq_length)
+            return np.asarray(vectors, dtype=np.float32), [len(ids) for ids in enc["input_ids"]]
+        import torch
+
+        # The steps of SentenceTransformer.encode (longest first, batches, tokenize, forward)
+        # without its per-call overhead (~2.5 ms, 10 % of a one-sentence MiniLM request on
+        # CPU), and with one tokenization serving both the model and the usage count.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        counts = [0] * len(texts)
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = [texts[i] for i in idx]
+            # sentence-transformers 6 renamed tokenize() to preprocess().
+            features = self.model.preprocess(batch) if hasattr(self.model, "preprocess") else self.model.tokenize(batch)
+            mask = features.get("attention_mask")
+            lengths = (mask.sum(dim=1) if mask is not None else torch.full((len(idx),), features["input_ids"].shape[1]))
+            features = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in features.items()}
+            with torch.inference_mode():
+                emb = self.model(features)["sentence_embedding"]
+            out[idx] = emb.float().cpu().numpy()
+            for i, n in zip(idx, lengths.tolist(), strict=True):
+                counts[i] = int(n)
+        return out, counts
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
