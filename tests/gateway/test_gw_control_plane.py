@@ -42,8 +42,9 @@ async def test_outage_of_every_controller_loses_no_request(cluster: Cluster) -> 
     url = f"{cluster.gateway_url}/v1/chat/completions"
     load = asyncio.create_task(run_load(url, 10**6, 8, chat_body(), duration_s=OUTAGE_S + 8))
     await asyncio.sleep(1.5)
+    # Blocking helpers run in threads, so the load keeps flowing while they wait.
     for i in range(len(cluster.controllers)):
-        cluster.kill_controller(i)
+        await asyncio.to_thread(cluster.kill_controller, i)
     t_down = time.monotonic()
     # The worker stays silent until after the controllers are back: to them it looks dead for
     # a moment, which must not turn into 503s (the gateway's reconnect grace).
@@ -51,13 +52,13 @@ async def test_outage_of_every_controller_loses_no_request(cluster: Cluster) -> 
     cluster.worker.paused.set()
     await until(lambda: ready(cluster)[1]["route_table"]["state"] == "stale", 3, "table stale")
     while time.monotonic() - t_down < OUTAGE_S:
-        status, body = ready(cluster)
+        status, body = await asyncio.to_thread(ready, cluster)
         assert status == 200 and body["ready"] is True  # stale, but it has routes: still ready
         await asyncio.sleep(1.0)
-    age = ready(cluster)[1]["route_table"]["age_s"]
+    age = (await asyncio.to_thread(ready, cluster))[1]["route_table"]["age_s"]
     assert age >= OUTAGE_S - 1.5, age
     for i in range(len(cluster.controllers)):
-        cluster.restart_controller(i)
+        await asyncio.to_thread(cluster.restart_controller, i)
     await until(lambda: ready(cluster)[1]["route_table"]["state"] == "fresh", 5, "table fresh again")
     await asyncio.sleep(0.8)
     cluster.worker.paused.clear()

@@ -99,7 +99,6 @@ class GatewayApp:
 
     async def startup(self, first_table_wait_s: float = 3.0) -> None:
         self.watcher.load_snapshot()
-        await self.proxy.start()
         await self.watcher.start()
         if self.metrics.multiprocess:
             self._publisher = asyncio.create_task(self._publish_metrics(), name="metrics-publisher")
@@ -128,7 +127,7 @@ class GatewayApp:
         if self._publisher is not None:
             self._publisher.cancel()
         await self.watcher.stop()
-        await self.proxy.stop()
+        self.proxy.stop()
 
     def _auth_state(self) -> str:
         if not self.watcher.freshness.loaded:

@@ -108,10 +108,7 @@ class Proxy:
         self.table = table
         self.upstream = UpstreamPool(settings.connect_timeout_s, settings.header_timeout_s, settings.read_timeout_s)
 
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
+    def stop(self) -> None:
         self.upstream.close()
 
     # -- entry ------------------------------------------------------------------------------

@@ -190,7 +190,6 @@ class RouteWatcher:
         self.session: aiohttp.ClientSession | None = None
         self.polling = False
         self._task: asyncio.Task[None] | None = None
-        self._snapshot_task: asyncio.Task[None] | None = None
 
     # -- lifecycle
     def load_snapshot(self) -> bool:
@@ -219,11 +218,10 @@ class RouteWatcher:
             log.warning("no controller given: the gateway serves only its snapshot, if any")
 
     async def stop(self) -> None:
-        for t in (self._task, self._snapshot_task):
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
         if self.session is not None:
             await self.session.close()
 
@@ -281,8 +279,18 @@ class RouteWatcher:
         self._confirmed(base)
         if self.snapshot_path is not None:
             # Off the event loop: a slow disk must not stall requests.
-            self._snapshot_task = asyncio.create_task(
-                asyncio.to_thread(save_snapshot, self.snapshot_path, payload, time.time()))
+            self._keep(asyncio.create_task(self._save(self.snapshot_path, payload)))
+
+    async def _save(self, path: Path, payload: dict[str, Any]) -> None:
+        try:
+            await asyncio.to_thread(save_snapshot, path, payload, time.time())
+        except OSError as exc:
+            log.warning("could not write the route snapshot %s: %s", path, exc)
+
+    @staticmethod
+    def _keep(task: asyncio.Task[Any]) -> None:
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     def _confirmed(self, base: str) -> None:
         f = self.freshness
@@ -342,9 +350,7 @@ class RouteWatcher:
             except ConnectionError as exc:
                 log.debug("could not report %s of %s: %s", event, instance_id, exc)
 
-        task = asyncio.create_task(send())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        self._keep(asyncio.create_task(send()))
 
 
 # Strong references to fire-and-forget tasks (the loop keeps only weak ones).
