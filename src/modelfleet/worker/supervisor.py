@@ -63,13 +63,20 @@ _PDEATHSIG_WRAPPER = (
     "    sys.stderr.write('modelfleet: prctl(PR_SET_PDEATHSIG) failed; runner may outlive the worker\\n')\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit('modelfleet: worker exited before the runner started')\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
 
 LOG_ROTATE_BYTES = 20 * 1024 * 1024
 ERROR_TAIL_LINES = 20
 _HEADER = "=== modelfleet:"
 _ACTIVE = (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
+
+
+def runner_environ() -> dict[str, str]:
+    """The worker's environment minus its own secrets: runners (third-party servers among
+    them) have no business with the cluster's join or admin token."""
+    secret = re.compile(r"^MODELFLEET_.*(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
+    return {k: v for k, v in os.environ.items() if not secret.match(k)}
 
 
 def sanitize_id(instance_id: str) -> str:
@@ -208,11 +215,12 @@ class Supervisor:
                 self._begin_stop(m)
                 self._start(spec, predecessor=m)
             else:
-                was_drained = m.drained
+                was_drained, old_cap = m.drained, m.spec.max_concurrency
                 m.spec = spec
                 if m.drained != was_drained:
                     self._update_drain(m)
-                self._bump()  # max_concurrency and friends may have moved
+                if spec.max_concurrency != old_cap:
+                    self._bump()  # reported in statuses: the agent must send it
 
     def statuses(self) -> list[InstanceStatus]:
         return [
@@ -465,7 +473,7 @@ class Supervisor:
         if m.log_path.exists() and m.log_path.stat().st_size > LOG_ROTATE_BYTES:
             with contextlib.suppress(OSError):
                 m.log_path.replace(m.log_path.with_suffix(".log.1"))
-        env = {**os.environ, **launch.env}
+        env = {**runner_environ(), **launch.env}
         argv = [sys.executable, "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *launch.argv]
         with m.log_path.open("ab") as logf:
             logf.write(f"\n{_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} starting {m.spec.backend} runner for "
