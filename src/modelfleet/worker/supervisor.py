@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 
 from modelfleet.models import InstanceSpec, InstanceState, InstanceStatus
-from modelfleet.worker.runners import BACKENDS, Launch, LaunchError, prepare_launch, uses_process
+from modelfleet.worker.runners import ATTACHED, Launch, LaunchError, prepare_launch
 
 log = logging.getLogger("modelfleet.worker")
 
@@ -194,8 +194,8 @@ class Supervisor:
         once; starting and stopping go on in background tasks."""
         desired: dict[str, InstanceSpec] = {}
         for spec in specs:
-            if spec.id in desired:
-                log.warning("instance %s listed twice; the last spec wins", spec.id)
+            if spec.id in desired and _restart_key(desired[spec.id]) != _restart_key(spec):
+                log.warning("instance %s listed twice with different specs; the last one wins", spec.id)
             desired[spec.id] = spec
         for iid, m in list(self._instances.items()):
             if iid in desired:
@@ -395,12 +395,12 @@ class Supervisor:
         try:
             if m.predecessor is not None:
                 await asyncio.gather(m.predecessor, return_exceptions=True)
-            if m.spec.backend not in BACKENDS:
-                self._fail(m, f"unknown backend {m.spec.backend!r} (known: {', '.join(sorted(BACKENDS))})")
-            elif uses_process(m.spec.backend):
-                await self._run_process(m)
-            else:
+            if m.spec.backend in ATTACHED:
                 await self._run_attached(m)
+            else:
+                # An unknown backend fails there like any config error (and heals if a
+                # plug-in registers it later).
+                await self._run_process(m)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not take the worker down
