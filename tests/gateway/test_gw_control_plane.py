@@ -63,6 +63,7 @@ async def test_outage_of_every_controller_loses_no_request(cluster: Cluster) -> 
     await asyncio.sleep(0.8)
     cluster.worker.paused.clear()
     result = await load
+    print(f"outage of {OUTAGE_S:g} s: {len(result.outcomes)} requests, {len(result.failed)} failed")
     assert len(result.outcomes) > 100
     assert result.failed == [], (len(result.failed), result.failed[:3])
     log = cluster.log_tail()
