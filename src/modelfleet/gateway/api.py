@@ -68,6 +68,7 @@ class GatewayApp:
         self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
         self._grace: Grace | None = None  # see routes.keep_missing
         self._publisher: asyncio.Task[None] | None = None
+        self._started = False
         self.other = self._build_app()
 
     # -- ASGI -----------------------------------------------------------------------------
@@ -114,6 +115,7 @@ class GatewayApp:
         log.info("modelfleet gateway %s on %s:%d%s; controllers %s; route snapshot %s; inference %s",
                  __version__, s.host, s.port, proc, ",".join(s.controller_list) or "none",
                  s.snapshot or "off", self._auth_state())
+        self._started = True
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -139,6 +141,7 @@ class GatewayApp:
     def _apply(self, table: RouteTable, reconnected: bool = False) -> None:
         was_open = not self.table.key_hashes
         first = self.table is EMPTY
+        announce = first and self._started  # the start-up line could not say open or keyed
         now = time.monotonic()
         if reconnected and not first:
             self._grace = Grace(now, table.revision, table.heartbeat_ttl)
@@ -155,7 +158,7 @@ class GatewayApp:
         log.debug("route table revision %d applied%s: %d models, %d instances", table.revision,
                   " (reconnect grace)" if in_grace else "", len(table.models),
                   sum(len(v) for v in table.models.values()))
-        if not first and was_open != (not table.key_hashes):
+        if announce or (not first and was_open != (not table.key_hashes)):
             log.warning("inference %s", self._auth_state())
         self._first_table.set()
 
@@ -261,7 +264,10 @@ class GatewayApp:
     async def status(self, request: Request) -> Response:
         if not self._admin_ok(request):
             return error_json(401, "admin token required (Authorization: Bearer …)", code="missing_token")
-        return json_response(self.status_view(int(request.query_params.get("buckets", "30"))))
+        buckets = request.query_params.get("buckets", "30")
+        if not buckets.isdigit():
+            return error_json(400, "buckets must be a whole number", param="buckets")
+        return json_response(self.status_view(int(buckets)))
 
     def status_view(self, buckets: int = 30) -> dict[str, Any]:
         now_m, now = time.monotonic(), time.time()
@@ -273,8 +279,8 @@ class GatewayApp:
                 "id": i.id, "worker_id": i.worker_id, "endpoint": i.endpoint, "weight": i.weight,
                 "max_concurrency": i.max_concurrency, "enabled": i.enabled, "in_flight": i.in_flight,
                 "ejected": i.ejected(now_m), "ejected_for_s": round(max(0.0, i.ejected_until - now_m), 3),
-                "consecutive_failures": i.failures, "ejections": i.ejections, "attempts": i.requests,
-                "failures": i.errors,
+                "consecutive_failures": i.failures, "ejections": i.ejections, "attempts": i.attempts,
+                "failed_attempts": i.failed_attempts,
             } for i in m.instances]
             models.append({"name": name, "in_flight": m.in_flight, "queued": len(m.waiters), "slots": m.slots,
                            "mean_latency_s": round(m.latency_ewma, 4), "instances": insts,
@@ -285,6 +291,7 @@ class GatewayApp:
             "started_at": self.started_at, "uptime_s": round(now - self.started_at, 1),
             "route_table": self._table_view(),
             "auth": "api_keys" if self.table.key_hashes else "open",
+            "upstream_connections": self.proxy.upstream.stats(),
             "recent_bucket_s": self.stats.bucket_s,
             "models": models,
         }

@@ -38,8 +38,8 @@ class Inst:
     """One instance as this process sees it."""
 
     __slots__ = (
-        "ejected_until", "ejections", "enabled", "endpoint", "errors", "failures", "id", "in_flight",
-        "last_ejected_at", "max_concurrency", "model", "requests", "url_prefix", "weight", "worker_id",
+        "attempts", "ejected_until", "ejections", "enabled", "endpoint", "failed_attempts", "failures", "id",
+        "in_flight", "last_ejected_at", "max_concurrency", "model", "weight", "worker_id",
     )
 
     def __init__(self, route: InstanceRoute, model: ModelState, slots: int) -> None:
@@ -49,15 +49,14 @@ class Inst:
         self.ejected_until = 0.0  # monotonic
         self.ejections = 0  # in a row, for the growing cooldown
         self.last_ejected_at = 0.0
-        self.requests = 0
-        self.errors = 0
+        self.attempts = 0  # requests sent to it by this process
+        self.failed_attempts = 0
         self.update(route, model, slots)
 
     def update(self, route: InstanceRoute, model: ModelState, slots: int) -> None:
         self.model = model
         self.worker_id = route.worker_id
-        self.endpoint = route.endpoint
-        self.url_prefix = route.endpoint  # + /v1/... at request time
+        self.endpoint = route.endpoint  # base URL; the request path (/v1/…) is appended
         self.weight = route.weight
         self.max_concurrency = slots
         self.enabled = route.enabled
@@ -75,14 +74,13 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("instances", "latency_ewma", "name", "queued_total", "waiters")
+    __slots__ = ("instances", "latency_ewma", "name", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.instances: list[Inst] = []
         self.waiters: deque[Waiter] = deque()
         self.latency_ewma = 0.0  # seconds, completed requests
-        self.queued_total = 0
 
     @property
     def slots(self) -> int:
@@ -168,7 +166,6 @@ class Pool:
         loop = asyncio.get_running_loop()
         w = Waiter(loop.create_future(), exclude)
         m.waiters.append(w)
-        m.queued_total += 1
 
         def expire() -> None:
             if not w.fut.done():
@@ -224,14 +221,14 @@ class Pool:
     # -- outcomes -----------------------------------------------------------------------
     def succeeded(self, inst: Inst, latency_s: float) -> None:
         inst.failures = 0
-        inst.requests += 1
+        inst.attempts += 1
         m = inst.model
         m.latency_ewma = admission.ewma(m.latency_ewma, latency_s)
 
     def failed(self, inst: Inst, reason: str) -> None:
         inst.failures += 1
-        inst.requests += 1
-        inst.errors += 1
+        inst.attempts += 1
+        inst.failed_attempts += 1
         now = time.monotonic()
         if inst.ejected(now) or not ejection.should_eject(inst.failures, self.s.eject_after):
             return

@@ -206,7 +206,7 @@ class Proxy:
             conn: Connection | None = None
             handed_over = False
             try:
-                conn = await post(inst.url_prefix, path, body)
+                conn = await post(inst.endpoint, path, body)
                 status = conn.status
                 if stream and status == 200:
                     handed_over = True  # stream() owns the slot and the connection now
