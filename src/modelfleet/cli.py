@@ -189,6 +189,16 @@ def gateway(
     queue_len: Annotated[int, typer.Option(envvar="MODELFLEET_QUEUE_LEN")] = 100,
     queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 10.0,
     processes: Annotated[int, typer.Option(envvar="MODELFLEET_PROCESSES", help="Processes sharing the port.")] = 1,
+    connect_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_CONNECT_TIMEOUT_S")] = 2.0,
+    header_timeout: Annotated[
+        float, typer.Option(envvar="MODELFLEET_HEADER_TIMEOUT_S", help="Longest wait for an answer to start.")
+    ] = 300.0,
+    read_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_READ_TIMEOUT_S")] = 300.0,
+    eject_cooldown_max: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_MAX_S")] = 300.0,
+    affinity_slack: Annotated[int, typer.Option(envvar="MODELFLEET_AFFINITY_SLACK")] = 4,
+    affinity_ratio: Annotated[float, typer.Option(envvar="MODELFLEET_AFFINITY_RATIO")] = 2.0,
+    poll_wait: Annotated[float, typer.Option(envvar="MODELFLEET_POLL_WAIT_S")] = 10.0,
+    gateway_id: Annotated[str, typer.Option(envvar="MODELFLEET_GATEWAY_ID")] = "",
     log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a gateway: the OpenAI-compatible front door, routing from its cached route table."""
@@ -202,6 +212,9 @@ def gateway(
             snapshot_path=snapshot_path, max_body_bytes=max_body_bytes, max_attempts=max_attempts,
             retry_budget_s=retry_budget, eject_after=eject_after, eject_cooldown_s=eject_cooldown,
             queue_len=queue_len, queue_wait_s=queue_wait, processes=processes, log_level=log_level.lower(),
+            connect_timeout_s=connect_timeout, header_timeout_s=header_timeout, read_timeout_s=read_timeout,
+            eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
+            poll_wait_s=poll_wait, gateway_id=gateway_id,
         )
     )
 

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from modelfleet.bundled import BUNDLED
 from modelfleet.config import modelfleet_home
-from modelfleet.procutil import die_with_parent
+from modelfleet.procutil import with_parent_death_signal
 
 console = Console(stderr=True)
 
@@ -48,8 +48,8 @@ class Role:
         self.name, self.log_path = name, log_path
         log = open(log_path, "ab")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "modelfleet.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, preexec_fn=die_with_parent,
+            with_parent_death_signal([sys.executable, "-m", "modelfleet.cli", *args]), stdout=log,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         log.close()
 

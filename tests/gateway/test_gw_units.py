@@ -220,9 +220,13 @@ def test_freshness_and_readiness() -> None:
 # -- auth, usage, stats, settings ----------------------------------------------------------------
 def test_auth() -> None:
     h = frozenset({hashlib.sha256(b"sekrit").hexdigest()})
-    assert key_allowed(None, frozenset())
-    assert key_allowed(b"Bearer sekrit", h) and key_allowed(b"bearer  sekrit ", h)
-    assert not key_allowed(None, h) and not key_allowed(b"Bearer nope", h) and not key_allowed(b"sekrit", h)
+    assert key_allowed(None, frozenset(), required=False)
+    assert key_allowed(b"Bearer sekrit", h, True) and key_allowed(b"bearer  sekrit ", h, True)
+    assert not key_allowed(None, h, True) and not key_allowed(b"Bearer nope", h, True)
+    assert not key_allowed(b"sekrit", h, True)
+    # Every key revoked: no live hash, but keys were defined, so nothing gets in.
+    assert not key_allowed(b"Bearer sekrit", frozenset(), required=True)
+    assert not key_allowed(None, frozenset(), required=True)
     assert bearer_token(b"Basic abc") is None and bearer_token(b"Bearer \xff") is None
 
 
@@ -354,3 +358,30 @@ async def test_apply_keeps_counts_and_fails_waiters_of_removed_models() -> None:
     p.release(inst)  # a request in flight on a removed instance still finishes cleanly
     assert inst.in_flight == 0 and isinstance(inst, Inst)
     assert EMPTY.revision == -1
+
+
+async def test_requests_waiting_on_a_removed_instance_are_cut_loose() -> None:
+    """An instance leaves the table (its worker stopped heartbeating): attempts still waiting
+    for its answer expire at once, so the proxy fails them over; other instances' do not."""
+    p, _ = pool_with(n=2)
+    gone, stays = p.instances["i0"], p.instances["i1"]
+
+    async def waiting_on(inst: Inst) -> str:
+        try:
+            async with asyncio.timeout(None) as scope:
+                inst.aborts.add(scope)
+                await asyncio.sleep(30)  # a vanished machine answers nothing
+        except TimeoutError:
+            return "cut loose"
+        finally:
+            inst.aborts.discard(scope)
+        return "answered"
+
+    t_gone, t_stays = asyncio.create_task(waiting_on(gone)), asyncio.create_task(waiting_on(stays))
+    await asyncio.sleep(0.01)
+    p.apply(parse_routes({"revision": 2, "models": [{"name": "m", "instances": [
+        {"id": "i1", "endpoint": "http://h:1", "max_concurrency": 1}]}]}))
+    assert await asyncio.wait_for(t_gone, 1) == "cut loose"
+    await asyncio.sleep(0.05)
+    assert not t_stays.done()
+    t_stays.cancel()

@@ -196,6 +196,9 @@ class Controller:
             self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop, self.reconciler.run]
         )
         self._alive: set[str] | None = None
+        # Alive workers as the cached route table saw them: if liveness moved since (e.g. the
+        # table was built during an outage, before workers came back), the revision must move.
+        self._table_alive: set[str] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._route_cache: tuple[int, dict[str, Any]] | None = None
 
@@ -254,8 +257,11 @@ class Controller:
                     log.info("worker %s is dead (no heartbeat for %.1f s)", wid, self.settings.worker_ttl)
                 for wid in sorted(alive - self._alive):
                     log.info("worker %s is alive", wid)
+            stale_table = self._table_alive is not None and alive != self._table_alive
+            if (self._alive is not None and alive != self._alive) or stale_table:
                 with contextlib.suppress(StoreError):
                     await self.store.bump_revision()
+                    self._table_alive = None  # the next table is built from fresh liveness
             self._alive = alive
 
     async def gc_loop(self, token: int) -> None:
@@ -284,6 +290,7 @@ class Controller:
             deployments=deployments, api_keys=keys,
         )
         self._route_cache = (revision, table)
+        self._table_alive = alive_worker_ids(workers, self.settings.worker_ttl)
         return table
 
 

@@ -50,4 +50,7 @@ def build_route_table(
         "heartbeat_ttl": ttl,
         "models": [{"name": name, "instances": models[name]} for name in sorted(models)],
         "api_keys": [{"id": k.id, "secret_hash": k.secret_hash} for k in api_keys if not k.revoked],
+        # Once any key was ever created, inference needs one: revoking the last key must
+        # close the door, not open it.
+        "auth_required": bool(api_keys),
     }

@@ -134,12 +134,12 @@ class GatewayApp:
     def _auth_state(self) -> str:
         if not self.watcher.freshness.loaded:
             return "state unknown until a route table arrives"
-        if self.table.key_hashes:
-            return f"requires an API key ({len(self.table.key_hashes)} defined)"
+        if self.table.auth_required:
+            return f"requires an API key ({len(self.table.key_hashes)} active)"
         return "OPEN: no API key is defined, anyone who reaches this port can call models"
 
     def _apply(self, table: RouteTable, reconnected: bool = False) -> None:
-        was_open = not self.table.key_hashes
+        was_open = not self.table.auth_required
         first = self.table is EMPTY
         announce = first and self._started  # the start-up line could not say open or keyed
         now = time.monotonic()
@@ -158,7 +158,7 @@ class GatewayApp:
         log.debug("route table revision %d applied%s: %d models, %d instances", table.revision,
                   " (reconnect grace)" if in_grace else "", len(table.models),
                   sum(len(v) for v in table.models.values()))
-        if announce or (not first and was_open != (not table.key_hashes)):
+        if announce or (not first and was_open != (not table.auth_required)):
             log.warning("inference %s", self._auth_state())
         self._first_table.set()
 
@@ -230,7 +230,8 @@ class GatewayApp:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def _key_ok(self, request: Request) -> bool:
-        return key_allowed(request.headers.get("authorization", "").encode(), self.table.key_hashes)
+        return key_allowed(request.headers.get("authorization", "").encode(), self.table.key_hashes,
+                           self.table.auth_required)
 
     async def models(self, request: Request) -> Response:
         if not self._key_ok(request):
@@ -290,7 +291,7 @@ class GatewayApp:
             "process": self.process_index, "processes": s.processes,
             "started_at": self.started_at, "uptime_s": round(now - self.started_at, 1),
             "route_table": self._table_view(),
-            "auth": "api_keys" if self.table.key_hashes else "open",
+            "auth": "api_keys" if self.table.auth_required else "open",
             "upstream_connections": self.proxy.upstream.stats(),
             "recent_bucket_s": self.stats.bucket_s,
             "models": models,

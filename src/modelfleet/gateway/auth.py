@@ -21,9 +21,10 @@ def bearer_token(value: bytes | None) -> str | None:
         return None
 
 
-def key_allowed(header: bytes | None, key_hashes: frozenset[str]) -> bool:
-    """Open when no key is defined; else the bearer secret's hash must be a known one."""
-    if not key_hashes:
+def key_allowed(header: bytes | None, key_hashes: frozenset[str], required: bool) -> bool:
+    """Open only while no key was ever created (``required`` false); else the bearer secret's
+    hash must be a live one. Revoking the last key therefore closes inference, never opens it."""
+    if not required:
         return True
     token = bearer_token(header)
     return token is not None and hash_secret(token) in key_hashes

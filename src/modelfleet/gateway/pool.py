@@ -38,8 +38,8 @@ class Inst:
     """One instance as this process sees it."""
 
     __slots__ = (
-        "attempts", "ejected_until", "ejections", "enabled", "endpoint", "failed_attempts", "failures", "id",
-        "in_flight", "last_ejected_at", "max_concurrency", "model", "weight", "worker_id",
+        "aborts", "attempts", "ejected_until", "ejections", "enabled", "endpoint", "failed_attempts", "failures",
+        "id", "in_flight", "last_ejected_at", "max_concurrency", "model", "weight", "worker_id",
     )
 
     def __init__(self, route: InstanceRoute, model: ModelState, slots: int) -> None:
@@ -51,6 +51,9 @@ class Inst:
         self.last_ejected_at = 0.0
         self.attempts = 0  # requests sent to it by this process
         self.failed_attempts = 0
+        # Attempts still waiting for this instance's answer (nothing sent to the client yet):
+        # expired at once when the instance leaves the route table, so they fail over.
+        self.aborts: set[asyncio.Timeout] = set()
         self.update(route, model, slots)
 
     def update(self, route: InstanceRoute, model: ModelState, slots: int) -> None:
@@ -109,8 +112,13 @@ class Pool:
 
     # -- route table --------------------------------------------------------------------
     def apply(self, table: RouteTable) -> None:
-        """Take a new table. Counts, failures and ejections of known instances carry over;
-        requests in flight on a removed instance finish on it."""
+        """Take a new table. Counts, failures and ejections of known instances carry over.
+
+        Requests waiting on a removed instance for an answer that has not started are cut
+        loose and retried elsewhere: an instance leaves the table when its worker stopped
+        heartbeating, and a machine that vanished (cable, power) answers nothing, not even a
+        reset, so they would otherwise wait out the header timeout. Streams already passing
+        bytes to the client finish (or break) on the instance."""
         models: dict[str, ModelState] = {}
         instances: dict[str, Inst] = {}
         for name, routes in table.models.items():
@@ -127,6 +135,11 @@ class Pool:
                 instances[r.id] = inst
             m.instances = insts
             models[name] = m
+        for iid, inst in self.instances.items():
+            if iid not in instances and inst.aborts:
+                now = asyncio.get_running_loop().time()
+                for scope in inst.aborts:
+                    scope.reschedule(now)
         for name, gone in self.models.items():
             if name not in models:
                 for w in gone.waiters:

@@ -122,7 +122,8 @@ class Proxy:
                 length = v
             elif k == b"x-session-id":
                 session_id = v
-        if not key_allowed(auth, self.table().key_hashes):
+        table = self.table()
+        if not key_allowed(auth, table.key_hashes, table.auth_required):
             return await self.fail(send, t0, "", 401, "invalid or missing API key (Authorization: Bearer …)",
                                    code="invalid_api_key")
         limit = self.s.max_body_bytes
@@ -204,30 +205,43 @@ class Proxy:
             data = b""
             headers: list[tuple[bytes, bytes]] = []
             conn: Connection | None = None
-            handed_over = False
+            streaming = False
             try:
-                conn = await post(inst.endpoint, path, body)
-                status = conn.status
-                if stream and status == 200:
-                    handed_over = True  # stream() owns the slot and the connection now
-                    return await self.stream(send, t0, m.name, conn, inst, waited + perf_counter() - tu, watch)
-                # Not streamed (or refused): read it all. A break here is still retryable,
-                # since nothing has reached the client.
-                data = await conn.read_all(read_timeout)
-                headers = conn.headers  # release() starts a new list for the next response
-                conn.release()
+                # Nothing has reached the client inside this scope: the pool expires it when
+                # the instance leaves the route table (see Pool.apply), and we fail over.
+                async with asyncio.timeout(None) as abort:
+                    inst.aborts.add(abort)
+                    try:
+                        conn = await post(inst.endpoint, path, body)
+                        status = conn.status
+                        streaming = stream and status == 200
+                        if not streaming:
+                            # Not streamed (or refused): read it all. A break here is still
+                            # retryable, since nothing has reached the client.
+                            data = await conn.read_all(read_timeout)
+                            headers = conn.headers  # release() starts a new list for the next response
+                            conn.release()
+                    finally:
+                        inst.aborts.discard(abort)
             except UpstreamError as exc:
                 problem, timed_out, status = str(exc), exc.timeout, 0
+                if conn is not None:
+                    conn.close()
+            except TimeoutError:
+                # Only the abort scope raises this (upstream timeouts are UpstreamError).
+                problem, status = "instance left the route table (worker gone?) before answering", 0
                 if conn is not None:
                     conn.close()
             except BaseException:
                 # Cancelled (the client went away): close the upstream connection, so the
                 # instance sees the disconnect and stops working for nobody; free the slot.
-                if not handed_over:
-                    if conn is not None:
-                        conn.close()
-                    pool.release(inst)
+                if conn is not None:
+                    conn.close()
+                pool.release(inst)
                 raise
+            if streaming and not problem and conn is not None:
+                # stream() owns the slot and the connection now; nothing can be retried.
+                return await self.stream(send, t0, m.name, conn, inst, waited + perf_counter() - tu, watch)
             waited += perf_counter() - tu
             if status and not ejection.is_retryable_status(status):
                 # An answer: a success, or the instance's own error (4xx, 500) for the client.

@@ -44,6 +44,8 @@ class RouteTable:
     key_hashes: frozenset[str]
     payload: dict[str, Any] = field(repr=False, compare=False)
     heartbeat_ttl: float = 6.0
+    # True once any API key was ever created (revoked ones included): inference needs a key.
+    auth_required: bool = False
 
 
 EMPTY = RouteTable(revision=-1, controller_id="", models={}, key_hashes=frozenset(), payload={})
@@ -67,7 +69,8 @@ def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
         if extra:
             models[name] += extra
     return RouteTable(revision=new.revision, controller_id=new.controller_id, models=models,
-                      key_hashes=new.key_hashes, payload=new.payload, heartbeat_ttl=new.heartbeat_ttl)
+                      key_hashes=new.key_hashes, payload=new.payload, heartbeat_ttl=new.heartbeat_ttl,
+                      auth_required=new.auth_required)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def parse_routes(payload: dict[str, Any]) -> RouteTable:
         keys = frozenset(str(k["secret_hash"]).lower() for k in payload.get("api_keys") or ())
         return RouteTable(revision=int(payload["revision"]), controller_id=str(payload.get("controller_id", "")),
                           models=models, key_hashes=keys, payload=payload,
-                          heartbeat_ttl=float(payload.get("heartbeat_ttl") or 6.0))
+                          heartbeat_ttl=float(payload.get("heartbeat_ttl") or 6.0),
+                          auth_required=bool(payload.get("auth_required", bool(keys))))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed routes payload: {exc!r}") from exc
 

@@ -38,7 +38,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,24 +46,11 @@ from typing import Any
 import httpx
 
 from modelfleet.models import InstanceSpec, InstanceState, InstanceStatus
+from modelfleet.procutil import with_parent_death_signal
 from modelfleet.worker.runners import ATTACHED, Launch, LaunchError, prepare_launch
 
 log = logging.getLogger("modelfleet.worker")
 
-# Runs between fork and the runner: asks the kernel to SIGKILL this process when the
-# worker dies, then execs the runner (exec keeps the setting). If the worker died before
-# prctl took effect, getppid() no longer matches and the runner is never started. A
-# preexec_fn would do the same, but running Python between fork and exec in a
-# multi-threaded parent can deadlock; this is a fresh interpreter.
-_PDEATHSIG_WRAPPER = (
-    "import ctypes, os, sys\n"
-    "PR_SET_PDEATHSIG = 1\n"
-    "if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:\n"
-    "    sys.stderr.write('modelfleet: prctl(PR_SET_PDEATHSIG) failed; runner may outlive the worker\\n')\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit('modelfleet: worker exited before the runner started')\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
 
 LOG_ROTATE_BYTES = 20 * 1024 * 1024
 ERROR_TAIL_LINES = 20
@@ -474,7 +460,7 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 m.log_path.replace(m.log_path.with_suffix(".log.1"))
         env = {**runner_environ(), **launch.env}
-        argv = [sys.executable, "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *launch.argv]
+        argv = with_parent_death_signal(launch.argv)
         with m.log_path.open("ab") as logf:
             logf.write(f"\n{_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} starting {m.spec.backend} runner for "
                        f"{m.spec.id} (start {m.restarts + 1}) on port {port}: {shlex.join(launch.argv)}\n"

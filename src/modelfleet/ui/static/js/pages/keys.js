@@ -1,5 +1,6 @@
 // API keys: create (the secret is shown once, here), list, revoke. Admin calls.
-// Inference is open while no key exists; once one does, every inference call needs one.
+// Inference is open while no key was ever created; once one was, every inference call needs a
+// live key (revoking the last key closes inference, it never reopens it).
 
 import { api, credentials } from "../api.js";
 import { badge, fill, h, table } from "../dom.js";
@@ -22,7 +23,7 @@ export default {
     fill(el,
       h("h1", {}, "API keys"),
       h("p", { class: "muted" },
-        "Inference through the gateway is open to anyone while no key exists; once one exists, every call needs a valid key " +
+        "Inference through the gateway is open to anyone while no key exists; once one exists, every call needs a live key " +
         "(Authorization: Bearer …). Gateways learn of new and revoked keys within one route-table refresh."),
       h("section", { class: "panel" },
         h("h2", {}, "New key"),
@@ -59,7 +60,7 @@ export default {
     if (this.keys && !this.keys.length) parts.push(h("p", { class: "empty" }, "No key: inference is open."));
     if (this.keys?.length) {
       const active = this.keys.filter((k) => !k.revoked).length;
-      parts.push(h("p", { class: "muted" }, active ? `${active} active: inference needs a key.` : "All revoked: inference is open."));
+      parts.push(h("p", { class: "muted" }, active ? `${active} active: inference needs a key.` : "All revoked: inference is closed until a key is created."));
       const sorted = [...this.keys].sort((a, b) => Number(a.revoked) - Number(b.revoked) || b.created_at - a.created_at);
       parts.push(table(["Name", "Id", "Created", "Status", ""],
         sorted.map((k) => [
