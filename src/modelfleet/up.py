@@ -171,10 +171,11 @@ def run_up(s: UpSettings) -> int:
             f"  OpenAI endpoint: {gateway}/v1\n"
             f"  web console:     {gateway}/\n"
             f"  logs:            {logs}\n"
-            f"  try:\n    {curl_line(gateway, chat_model)}\n"
-            f"  or: modelfleet chat {chat_model}\n"
-            f"Ctrl-C stops everything."
+            f"  try:"
         )
+        # One unwrapped, unstyled line, so that it can be copied and run as printed.
+        console.print(f"    {curl_line(gateway, chat_model)}", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"  or: modelfleet chat {chat_model}\nCtrl-C stops everything.")
         print(f"READY {gateway}", flush=True)  # one stable line for scripts and tests
         while all(r.alive() for r in roles):
             time.sleep(0.5)
