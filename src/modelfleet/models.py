@@ -109,7 +109,9 @@ class Placement(BaseModel):
     policy: str = Field(default="spread", pattern="^(spread|binpack)$")
 
 
-class Deployment(BaseModel):
+class DeploymentSpec(BaseModel):
+    """What an operator asks for (the body of `POST /v1/cluster/deployments`)."""
+
     name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     backend: str = "llama.cpp"
     source: str = ""
@@ -118,6 +120,9 @@ class Deployment(BaseModel):
     max_concurrency: int = Field(default=4, ge=1)
     placement: Placement = Field(default_factory=Placement)
     weight: int = Field(default=100, ge=0)
+
+
+class Deployment(DeploymentSpec):
     created_at: float = 0.0
     updated_at: float = 0.0
 

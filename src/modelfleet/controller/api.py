@@ -44,6 +44,7 @@ from modelfleet.metrics import (
 from modelfleet.models import (
     ApiKey,
     Deployment,
+    DeploymentSpec,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
@@ -89,17 +90,6 @@ class HeartbeatIn(BaseModel):
     instances: list[InstanceStatus] | None = None
     # The routing revision the worker last saw; assignments are re-read only when it moved.
     known_revision: int = -1
-
-
-class DeploymentIn(BaseModel):
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    backend: str = "llama.cpp"
-    source: str = ""
-    params: dict[str, Any] = Field(default_factory=dict)
-    replicas: int = Field(default=1, ge=0, le=1000)
-    max_concurrency: int = Field(default=4, ge=1)
-    placement: Placement = Field(default_factory=Placement)
-    weight: int = Field(default=100, ge=0)
 
 
 class DeploymentPatch(BaseModel):
@@ -508,7 +498,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Fast
         return {"data": [d.model_dump() for d in await ctl.store.list_deployments()]}
 
     @app.post("/v1/cluster/deployments", status_code=201)
-    async def create_deployment(body: DeploymentIn, request: Request) -> dict[str, Any]:
+    async def create_deployment(body: DeploymentSpec, request: Request) -> dict[str, Any]:
         admin(request)
         if await ctl.store.get_deployment(body.name) is not None:
             raise ApiError(409, f"deployment {body.name} exists; change it with PATCH or `modelfleet scale`")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from modelfleet.models import InstanceSpec
 from modelfleet.worker.runners.base import (
-    COMMON_PARAMS,
     Launch,
-    LaunchError,
     as_int,
+    check_params,
     common_launch_fields,
     extra_args,
     python_module_argv,
@@ -27,10 +26,7 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
     require_package("sentence_transformers", NAME, "sentence-transformers (pip install 'modelfleet[runners]')")
     model_path = resolve_local_source(spec, want="dir")
     params = spec.params
-    unknown = sorted(set(params) - KNOWN_PARAMS - COMMON_PARAMS)
-    if unknown:
-        raise LaunchError(f"backend {NAME}: unknown parameter(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(KNOWN_PARAMS))})")
+    check_params(params, KNOWN_PARAMS, NAME)
     argv = [*python_module_argv("modelfleet.worker.runners.embeddings_server"),
             "--model-path", str(model_path), "--model-name", spec.model, "--host", host, "--port", str(port)]
     threads = as_int(params, "n_threads", NAME)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from modelfleet.models import InstanceSpec
 from modelfleet.worker.runners.base import (
-    COMMON_PARAMS,
     Launch,
     LaunchError,
     as_int,
+    check_params,
     common_launch_fields,
     extra_args,
     parallel_param,
@@ -30,10 +30,7 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
     require_package("torch", NAME, "transformers and torch (pip install 'modelfleet[runners]')")
     model_path = resolve_local_source(spec, want="dir")
     params = spec.params
-    unknown = sorted(set(params) - KNOWN_PARAMS - COMMON_PARAMS)
-    if unknown:
-        raise LaunchError(f"backend {NAME}: unknown parameter(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(KNOWN_PARAMS))})")
+    check_params(params, KNOWN_PARAMS, NAME)
     if not (model_path / "config.json").is_file():
         raise LaunchError(f"model folder has no config.json: {model_path} (backend {NAME} needs a Hugging Face "
                           "model folder)")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from modelfleet.models import InstanceSpec
 from modelfleet.worker.runners.base import (
-    COMMON_PARAMS,
     Launch,
     LaunchError,
     as_int,
+    check_params,
     common_launch_fields,
     extra_args,
     parallel_param,
@@ -41,10 +41,7 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
         if not local.exists():
             raise LaunchError(f"model path does not exist: {local}")
     params = spec.params
-    unknown = sorted(set(params) - KNOWN_PARAMS - COMMON_PARAMS)
-    if unknown:
-        raise LaunchError(f"backend {NAME}: unknown parameter(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(KNOWN_PARAMS))}; others through params.args)")
+    check_params(params, KNOWN_PARAMS, NAME, "; others through params.args")
     argv = [*python_module_argv("vllm.entrypoints.openai.api_server"), "--model", str(local or source),
             "--served-model-name", spec.model, "--host", host, "--port", str(port)]
     n_ctx = as_int(params, "n_ctx", NAME)

@@ -56,6 +56,14 @@ def offline_env() -> dict[str, str]:
     }
 
 
+def check_params(params: dict[str, Any], known: frozenset[str], backend: str, hint: str = "") -> None:
+    """Refuse unknown parameters with the list of known ones: a typo must not pass silently."""
+    unknown = sorted(set(params) - known - COMMON_PARAMS)
+    if unknown:
+        raise LaunchError(f"backend {backend}: unknown parameter(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(known))}{hint})")
+
+
 def require_package(module: str, backend: str, hint: str) -> None:
     """Fail before spawning when the backend's package is not installed in this venv."""
     if importlib.util.find_spec(module) is None:

@@ -16,11 +16,9 @@ forward pass beats concurrent small ones that fight over the same cores.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +36,9 @@ from modelfleet.worker.runners.openai_http import (
     build_app,
     json_response,
     read_json_object,
+    runner_arg_parser,
     serve,
-    setup_logging,
+    start_runner,
 )
 
 MAX_INPUTS = 2048  # OpenAI's own limit on inputs per request
@@ -211,22 +210,11 @@ def create_app(encoder: Encoder, name: str) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="modelfleet embeddings runner (sentence-transformers)")
-    ap.add_argument("--model-path", required=True)
-    ap.add_argument("--model-name", required=True, help="the name clients send (and /v1/models lists)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--device", default="cpu")
+    ap = runner_arg_parser("modelfleet embeddings runner (sentence-transformers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
-    # Set here too, so the runner is offline even when started by hand.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    log = setup_logging()
-    if not os.path.isdir(args.model_path):
-        log.error("model path does not exist: %s", args.model_path)
-        raise SystemExit(2)
+    log = start_runner(args)
     t0 = time.monotonic()
     log.info("loading sentence-transformers model %s from %s (device %s)", args.model_name, args.model_path,
              args.device)

@@ -8,7 +8,9 @@ each, and validating by hand lets every error leave in the OpenAI shape
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -87,6 +89,29 @@ def build_app(name: str, routes: list[Route], *, lifespan: Callable[..., Any] | 
     all_routes = [*routes, Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
     return Starlette(routes=all_routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
+
+
+def runner_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every runner of ours takes (each adds its own after)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--model-name", required=True, help="the name clients send (and /v1/models lists)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--device", default="cpu")
+    return ap
+
+
+def start_runner(args: argparse.Namespace) -> logging.Logger:
+    """Offline, logging, and a model folder that exists, or exit 2 with a line saying which."""
+    # Set here too, so the runner is offline even when started by hand.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    log = setup_logging()
+    if not os.path.isdir(args.model_path):
+        log.error("model path does not exist: %s", args.model_path)
+        raise SystemExit(2)
+    return log
 
 
 def setup_logging() -> logging.Logger:

@@ -18,10 +18,8 @@ A client that disconnects stops its generation at the next token.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import os
 import threading
 import time
 import uuid
@@ -41,8 +39,9 @@ from modelfleet.worker.runners.openai_http import (
     build_app,
     json_response,
     read_json_object,
+    runner_arg_parser,
     serve,
-    setup_logging,
+    start_runner,
 )
 
 DEFAULT_CHAT_MAX_TOKENS = 256
@@ -358,22 +357,12 @@ def create_app(gen: Generator, name: str) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="modelfleet transformers runner (causal LM)")
-    ap.add_argument("--model-path", required=True)
-    ap.add_argument("--model-name", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--device", default="cpu")
+    ap = runner_arg_parser("modelfleet transformers runner (causal LM)")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=1, help="generations at a time")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    log = setup_logging()
-    if not os.path.isdir(args.model_path):
-        log.error("model path does not exist: %s", args.model_path)
-        raise SystemExit(2)
+    log = start_runner(args)
     t0 = time.monotonic()
     log.info("loading transformers model %s from %s (device %s, dtype %s)", args.model_name, args.model_path,
              args.device, args.dtype)
