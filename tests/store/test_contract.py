@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 from tests.conftest import free_port
+from tests.store.conftest import BACKENDS
 
 from modelfleet.models import (
     GPU,
@@ -505,9 +506,12 @@ def _unreachable_url(backend: str, tmp_path: object) -> str:
     }[backend]
 
 
+# memory:// has no server to be unreachable and no database to be missing: not parametrized over it.
+SERVER_BACKENDS = [b for b in BACKENDS if b != "memory"]
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
 async def test_unreachable_store_fails_fast_without_leaking_the_password(backend: str, tmp_path: object) -> None:
-    if backend == "memory":
-        pytest.skip("memory:// has no server to be unreachable")
     s = open_store(_unreachable_url(backend, tmp_path))
     try:
         for call in (s.ping, s.migrate, lambda: s.heartbeat(worker(1))):
@@ -521,9 +525,8 @@ async def test_unreachable_store_fails_fast_without_leaking_the_password(backend
         await s.close()
 
 
+@pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
 async def test_url_to_a_missing_database_is_a_config_error(backend: str, store_url: str) -> None:
-    if backend == "memory":
-        pytest.skip("memory:// has no database to be missing")
     bad = {
         "sqlite": "sqlite:////dev/null/state.db",
         "postgresql": store_url.replace("postgres@", "postgres:s3cr3t-pw@") + "_missing",
