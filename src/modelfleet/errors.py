@@ -54,6 +54,15 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def validation_error(errs: list[Any]) -> ApiError:
+    """Malformed JSON -> 400; a field at fault -> 422 naming it (``param``)."""
+    first = errs[0] if errs else {"loc": ("body",), "msg": "invalid body"}
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"malformed JSON: {first.get('msg')}", code="invalid_json")
+    msg = "; ".join(f"{_field_path(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errs[:5])
+    return ApiError(422, msg, param=_field_path(tuple(first.get("loc", ()))), code="invalid_field")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, validation included, leaves in the OpenAI error body; 422 names the field."""
 
@@ -63,13 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {"loc": ("body",), "msg": "invalid body"}
-        field = _field_path(tuple(first.get("loc", ())))
-        msg = "; ".join(f"{_field_path(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errs[:5])
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON: {first.get('msg')}", code="invalid_json")
-        return error_response(422, msg, param=field, code="invalid_field")
+        err = validation_error(list(exc.errors()))
+        return error_response(err.status, err.message, param=err.param, code=err.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -19,16 +19,15 @@ from typing import Any
 import httpx
 import orjson
 from fastapi import FastAPI, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from modelfleet import __version__
-from modelfleet.auth import check_token, new_api_key
+from modelfleet.auth import check_token, new_api_key, tokens_equal
 from modelfleet.config import DEFAULT_CONTROLLER_PORT, default_store_url, hostname
 from modelfleet.controller.lease import LEADER_LEASE, LeaderElector
 from modelfleet.controller.reconciler import Reconciler
 from modelfleet.controller.routes import build_route_table
-from modelfleet.errors import ApiError, install_error_handlers
+from modelfleet.errors import ApiError, error_body, install_error_handlers, validation_error
 from modelfleet.health import alive_worker_ids, is_alive, worker_ttl
 from modelfleet.metrics import (
     CONTROLLER_GC_DELETED,
@@ -284,11 +283,82 @@ class Controller:
         return table
 
 
+class HeartbeatEndpoint:
+    """``POST /v1/cluster/heartbeat`` as a bare ASGI app in front of FastAPI.
+
+    The hottest call of the control plane (every worker, every interval). FastAPI's routing,
+    middleware stack and generic body/response encoding cost more CPU than the store write
+    itself, so this path validates straight from bytes and answers with orjson; every other
+    path goes on to the FastAPI app. Errors keep the OpenAI error body."""
+
+    PATH = "/v1/cluster/heartbeat"
+
+    def __init__(self, ctl: Controller, app: Any) -> None:
+        self.ctl, self.app = ctl, app
+        self.join_tokens = [ctl.settings.join_token] if ctl.settings.join_token else []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != self.PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        try:
+            status, payload = 200, await self.handle(b"".join(chunks), auth.decode("latin-1"))
+        except ApiError as err:
+            status, payload = err.status, error_body(err.status, err.message, param=err.param, code=err.code)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": orjson.dumps(payload)})
+
+    async def handle(self, raw: bytes, authorization: str) -> dict[str, Any]:
+        ctl, s = self.ctl, self.ctl.settings
+        if self.join_tokens:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
+            if not token:
+                raise ApiError(403, "join token required (Authorization: Bearer …)", code="missing_token")
+            if not any(tokens_equal(token, t) for t in self.join_tokens):
+                raise ApiError(403, "wrong join token", code="wrong_token")
+        t0 = time.perf_counter()
+        try:
+            body = HeartbeatIn.model_validate_json(raw)
+        except ValidationError as exc:
+            raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        if not ctl.ready:
+            CONTROLLER_HEARTBEATS.labels("store_down").inc()
+            raise ApiError(503, f"store unavailable: {ctl.not_ready_reason}", code="store_unavailable")
+        try:
+            result = await ctl.store.heartbeat(body.worker, body.instances)
+            assignments = None
+            if result.registered or result.revision != body.known_revision or body.instances is not None:
+                assignments = await ctl.assignments.for_worker(body.worker.id, result.revision)
+        except StoreError as exc:
+            CONTROLLER_HEARTBEATS.labels("store_down").inc()
+            raise _store_call_error(exc) from exc
+        if result.registered:
+            log.info("worker %s registered (%s:%d)", body.worker.id, body.worker.address, body.worker.port)
+        CONTROLLER_HEARTBEATS.labels("ok").inc()
+        CONTROLLER_HEARTBEAT_SECONDS.observe(time.perf_counter() - t0)
+        return {
+            "registered": result.registered,
+            "revision": result.revision,
+            "assignments": assignments,
+            "heartbeat_interval": s.heartbeat_interval,
+            "controller_id": s.controller_id,
+        }
+
+
 def _store_call_error(exc: Exception) -> ApiError:
     return ApiError(503, f"store unavailable: {exc or type(exc).__name__}", code="store_unavailable")
 
 
-def create_app(settings: ControllerSettings, store: Store | None = None) -> FastAPI:
+def create_app(settings: ControllerSettings, store: Store | None = None) -> HeartbeatEndpoint:
+    """The controller's ASGI app: the heartbeat fast path in front of the FastAPI app."""
     ctl = Controller(settings, store)
 
     @contextlib.asynccontextmanager
@@ -338,39 +408,6 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Fast
         return metrics_response()
 
     # -- workers ------------------------------------------------------------------------
-    @app.post("/v1/cluster/heartbeat", response_model=None)
-    async def heartbeat(request: Request) -> Response:
-        """The hottest call of the control plane (every worker, every interval): the body is
-        validated straight from bytes and the answer serialized with orjson, skipping
-        FastAPI's generic body and response encoding, which cost more than the store write."""
-        join(request)
-        t0 = time.perf_counter()
-        try:
-            body = HeartbeatIn.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        if not ctl.ready:
-            CONTROLLER_HEARTBEATS.labels("store_down").inc()
-            raise ApiError(503, f"store unavailable: {ctl.not_ready_reason}", code="store_unavailable")
-        try:
-            result = await ctl.store.heartbeat(body.worker, body.instances)
-            assignments = None
-            if result.registered or result.revision != body.known_revision or body.instances is not None:
-                assignments = await ctl.assignments.for_worker(body.worker.id, result.revision)
-        except StoreError as exc:
-            CONTROLLER_HEARTBEATS.labels("store_down").inc()
-            raise _store_call_error(exc) from exc
-        if result.registered:
-            log.info("worker %s registered (%s:%d)", body.worker.id, body.worker.address, body.worker.port)
-        CONTROLLER_HEARTBEATS.labels("ok").inc()
-        CONTROLLER_HEARTBEAT_SECONDS.observe(time.perf_counter() - t0)
-        return Response(orjson.dumps({
-            "registered": result.registered,
-            "revision": result.revision,
-            "assignments": assignments,
-            "heartbeat_interval": s.heartbeat_interval,
-            "controller_id": s.controller_id,
-        }), media_type="application/json")
 
     def worker_view(w: Any, instance_count: int) -> dict[str, Any]:
         d = w.model_dump()
@@ -583,7 +620,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Fast
         log.info("api key %s revoked", key_id)
         return Response(status_code=204)
 
-    return app
+    return HeartbeatEndpoint(ctl, app)
 
 
 def run_controller(settings: ControllerSettings) -> None:
