@@ -34,7 +34,7 @@ from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 MODEL = "smollm2-135m-instruct"
-console = Console()
+console = Console(width=160)
 
 
 def free_port() -> int:
