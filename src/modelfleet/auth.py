@@ -11,12 +11,16 @@ from fastapi import Request
 from modelfleet.errors import ApiError
 
 
-def bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
+def parse_bearer(value: str) -> str | None:
+    """The secret of an ``Authorization: Bearer <secret>`` header value, or None."""
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def bearer(request: Request) -> str | None:
+    return parse_bearer(request.headers.get("authorization", ""))
 
 
 def tokens_equal(given: str | None, expected: str) -> bool:
@@ -26,6 +30,11 @@ def tokens_equal(given: str | None, expected: str) -> bool:
 
 
 def check_token(request: Request, accepted: list[str | None], *, what: str, missing_status: int = 401) -> None:
+    """``check_authorization`` on a request's Authorization header."""
+    check_authorization(request.headers.get("authorization", ""), accepted, what=what, missing_status=missing_status)
+
+
+def check_authorization(header: str, accepted: list[str | None], *, what: str, missing_status: int = 401) -> None:
     """Pass when no token is configured (embedded default) or the bearer matches one.
 
     Missing token -> ``missing_status`` (401, or 403 for the join token as the issue asks);
@@ -33,7 +42,7 @@ def check_token(request: Request, accepted: list[str | None], *, what: str, miss
     configured = [t for t in accepted if t]
     if not configured:
         return
-    given = bearer(request)
+    given = parse_bearer(header)
     if given is None:
         raise ApiError(missing_status, f"{what} required (Authorization: Bearer …)", code="missing_token")
     if not any(tokens_equal(given, t) for t in configured):

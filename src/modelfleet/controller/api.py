@@ -22,7 +22,7 @@ from fastapi import FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from modelfleet import __version__
-from modelfleet.auth import check_token, new_api_key, tokens_equal
+from modelfleet.auth import check_authorization, check_token, new_api_key
 from modelfleet.config import DEFAULT_CONTROLLER_PORT, default_store_url, hostname
 from modelfleet.controller.lease import LEADER_LEASE, LeaderElector
 from modelfleet.controller.reconciler import Reconciler
@@ -273,13 +273,14 @@ class Controller:
             self.store.list_workers(), self.store.list_instances(), self.store.list_deployments(),
             self.store.list_api_keys(), self.store.now(),
         )
+        alive = alive_worker_ids(workers, self.settings.worker_ttl)
         table = build_route_table(
             revision=revision, store_time=now, controller_id=self.settings.controller_id,
-            ttl=self.settings.worker_ttl, workers=workers, instances=instances,
+            ttl=self.settings.worker_ttl, alive=alive, instances=instances,
             deployments=deployments, api_keys=keys,
         )
         self._route_cache = (revision, table)
-        self._table_alive = alive_worker_ids(workers, self.settings.worker_ttl)
+        self._table_alive = alive
         return table
 
 
@@ -295,7 +296,6 @@ class HeartbeatEndpoint:
 
     def __init__(self, ctl: Controller, app: Any) -> None:
         self.ctl, self.app = ctl, app
-        self.join_tokens = [ctl.settings.join_token] if ctl.settings.join_token else []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != self.PATH or scope["method"] != "POST":
@@ -317,13 +317,7 @@ class HeartbeatEndpoint:
 
     async def handle(self, raw: bytes, authorization: str) -> dict[str, Any]:
         ctl, s = self.ctl, self.ctl.settings
-        if self.join_tokens:
-            scheme, _, token = authorization.partition(" ")
-            token = token.strip() if scheme.lower() == "bearer" else ""
-            if not token:
-                raise ApiError(403, "join token required (Authorization: Bearer …)", code="missing_token")
-            if not any(tokens_equal(token, t) for t in self.join_tokens):
-                raise ApiError(403, "wrong join token", code="wrong_token")
+        check_authorization(authorization, [s.join_token], what="join token", missing_status=403)
         t0 = time.perf_counter()
         try:
             body = HeartbeatIn.model_validate_json(raw)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelfleet.health import alive_worker_ids
-from modelfleet.models import ApiKey, Deployment, Instance, InstanceState, WorkerRecord
+from modelfleet.models import ApiKey, Deployment, Instance, InstanceState
 
 ROUTABLE_STATES = (InstanceState.READY, InstanceState.DRAINING)
 
@@ -16,7 +15,7 @@ def build_route_table(
     store_time: float,
     controller_id: str,
     ttl: float,
-    workers: list[WorkerRecord],
+    alive: set[str],
     instances: list[Instance],
     deployments: list[Deployment],
     api_keys: list[ApiKey],
@@ -26,7 +25,6 @@ def build_route_table(
     A model with zero routable instances stays listed, so a gateway can tell "no healthy
     instance" (503) from "no such model" (404). Only ready or draining instances on alive
     workers are routable; draining ones carry enabled=False (no new requests)."""
-    alive = alive_worker_ids(workers, ttl)
     models: dict[str, list[dict[str, Any]]] = {d.name: [] for d in deployments}
     for inst in instances:
         models.setdefault(inst.model, [])

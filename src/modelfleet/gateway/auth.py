@@ -4,19 +4,15 @@ hash, not on how much of a real key a guess shares, so it is no timing oracle.""
 
 from __future__ import annotations
 
-from modelfleet.auth import hash_secret
+from modelfleet.auth import hash_secret, parse_bearer
 
 
 def bearer_token(value: bytes | None) -> str | None:
-    """The secret of an ``Authorization: Bearer <secret>`` header value, or None."""
+    """The secret of an ``Authorization: Bearer <secret>`` header value (raw ASGI bytes), or None."""
     if not value:
         return None
-    scheme, _, token = value.partition(b" ")
-    token = token.strip()
-    if scheme.lower() != b"bearer" or not token:
-        return None
     try:
-        return token.decode("ascii")
+        return parse_bearer(value.decode("ascii"))
     except UnicodeDecodeError:
         return None
 
