@@ -35,6 +35,20 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(f"{msg}; start it (scripts/services.sh) to run this test")
 
 
+def require_modules(*modules: str, hint: str) -> None:
+    """Module-level: skip a test file whose backend package is missing, but fail in CI, where
+    `make test` installs every backend (a broken install must not pass as skipped tests)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]  # find_spec: no slow import
+    if not missing:
+        return
+    msg = f"{', '.join(missing)} not installed ({hint})"
+    if IN_CI:
+        pytest.fail(f"{msg} and CI=true", pytrace=False)
+    pytest.skip(msg, allow_module_level=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

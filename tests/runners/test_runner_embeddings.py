@@ -4,7 +4,6 @@ backend), over real HTTP with the official openai client. One runner for the mod
 from __future__ import annotations
 
 import base64
-import importlib.util
 
 import httpx
 import numpy as np
@@ -15,10 +14,10 @@ import pytest_asyncio
 from modelfleet.models import InstanceState
 from modelfleet.worker.modelspec import parse_model_flag
 from modelfleet.worker.supervisor import Supervisor
+from tests.conftest import require_modules
 from tests.runners.helpers import port_start, wait_for, wait_gone
 
-if importlib.util.find_spec("sentence_transformers") is None:  # find_spec: importing it here would cost seconds
-    pytest.skip("sentence-transformers is not installed", allow_module_level=True)
+require_modules("sentence_transformers", hint="pip install 'modelfleet[runners]'")
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
 

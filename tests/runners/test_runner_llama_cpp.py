@@ -5,7 +5,6 @@ One runner is shared by the module (a model load per test would blow the time bu
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 from pathlib import Path
@@ -18,10 +17,10 @@ import pytest_asyncio
 from modelfleet.models import InstanceSpec, InstanceState
 from modelfleet.worker.modelspec import parse_model_flag
 from modelfleet.worker.supervisor import Supervisor
+from tests.conftest import require_modules
 from tests.runners.helpers import alive, port_start, status_of, wait_for, wait_gone
 
-if importlib.util.find_spec("llama_cpp") is None:  # find_spec: importing it here would cost seconds
-    pytest.skip("llama-cpp-python is not installed (pip install 'modelfleet[runners]')", allow_module_level=True)
+require_modules("llama_cpp", hint="pip install 'modelfleet[runners]'")
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 

@@ -4,7 +4,6 @@ HTTP with the official openai client; one runner for the module."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import httpx
@@ -14,10 +13,10 @@ import pytest_asyncio
 
 from modelfleet.models import InstanceSpec, InstanceState
 from modelfleet.worker.supervisor import Supervisor
+from tests.conftest import require_modules
 from tests.runners.helpers import port_start, wait_for, wait_gone
 
-if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
-    pytest.skip("transformers and torch are not installed", allow_module_level=True)
+require_modules("transformers", "torch", hint="pip install 'modelfleet[runners]'")
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
 
