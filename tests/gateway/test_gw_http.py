@@ -4,6 +4,7 @@ metrics, the console hooks and the cluster pass-through."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -145,3 +146,43 @@ def test_several_processes_share_the_port_and_sum_their_metrics(cluster: Cluster
     assert 'modelfleet_gateway_instance_in_flight{instance="w1/a",model="m"}' in text
     status = cluster.status()
     assert status["processes"] == 2 and status["process"] in (0, 1)
+
+
+def test_several_processes_publish_live_gauges_without_errors(cluster: Cluster) -> None:
+    """Issue 16: with --processes 2 the live gauges (declared with their label names) reach
+    /metrics from whichever process answers, and nothing is logged as an error."""
+    two_instance_cluster(cluster, "m", "--processes", "2", "--queue-wait-s", "30",
+                         upstream_args=("--latency", "4"), max_concurrency=1)
+    g = cluster.gateway_url
+    # 2 instances x 1 slot, but each of 2 processes keeps at least one slot per instance: at
+    # most 4 admitted at once; 8 requests leave some in flight and some queued.
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(httpx.post(f"{g}/v1/chat/completions", json=chat(), timeout=60,
+                                  headers={"connection": "close"}).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+
+    def gauge(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + '{model="m"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    def busy_and_queued() -> bool:
+        text = httpx.get(f"{g}/metrics", headers={"connection": "close"}).text
+        return gauge(text, "modelfleet_gateway_in_flight") > 0 and gauge(text, "modelfleet_gateway_queued") > 0
+
+    wait_for(busy_and_queued, 10, what="non-zero in-flight and queued gauges from the shared metrics")
+    text = httpx.get(f"{g}/metrics").text
+    revision = next(x for x in text.splitlines() if x.startswith("modelfleet_gateway_route_table_revision"))
+    assert float(revision.split()[-1]) >= 0
+    for t in threads:
+        t.join(60)
+    assert results == [200] * 8
+    log = cluster.gateway_proc.log_path.read_text(errors="replace") if cluster.gateway_proc else ""
+    assert "Traceback" not in log and "publishing metrics failed" not in log, log[-3000:]
+    assert " ERROR " not in log, log[-3000:]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,13 +28,37 @@ if TYPE_CHECKING:
     from modelfleet.gateway.routes import RouteWatcher
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# How each live gauge adds up over processes.
-GAUGE_MODES = {
-    "modelfleet_gateway_in_flight": "livesum", "modelfleet_gateway_queued": "livesum",
-    "modelfleet_gateway_instance_in_flight": "livesum", "modelfleet_gateway_instance_ejected": "livemax",
-    "modelfleet_gateway_route_table_age_seconds": "livemax", "modelfleet_gateway_route_table_fresh": "livemin",
-    "modelfleet_gateway_route_table_revision": "livemax",
+
+
+class LiveGauge(NamedTuple):
+    """A gauge read from live state at scrape time. Its label names are fixed here, where it
+    is declared: the multi-process publisher builds its shared gauge from them, never from
+    the first sample it happens to see (at start-up there is none)."""
+
+    doc: str
+    labels: tuple[str, ...]
+    mode: str  # how it adds up over processes (prometheus_client multiprocess_mode)
+
+
+LIVE_GAUGES = {
+    "modelfleet_gateway_in_flight": LiveGauge("Requests in flight per model", ("model",), "livesum"),
+    "modelfleet_gateway_queued": LiveGauge("Requests queued per model", ("model",), "livesum"),
+    "modelfleet_gateway_instance_in_flight": LiveGauge("Requests in flight per instance", ("model", "instance"),
+                                                       "livesum"),
+    "modelfleet_gateway_instance_ejected": LiveGauge("1 while the instance is ejected", ("model", "instance"),
+                                                     "livemax"),
+    "modelfleet_gateway_route_table_age_seconds": LiveGauge(
+        "Seconds since a controller last vouched for the route table", (), "livemax"),
+    "modelfleet_gateway_route_table_fresh": LiveGauge("1 while a controller answers", (), "livemin"),
+    "modelfleet_gateway_route_table_revision": LiveGauge("Routing revision in use", (), "livemax"),
 }
+
+
+def live_family(name: str, value: float | None = None) -> GaugeMetricFamily:
+    g = LIVE_GAUGES[name]
+    if g.labels:
+        return GaugeMetricFamily(name, g.doc, labels=list(g.labels))
+    return GaugeMetricFamily(name, g.doc, value=value)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -86,10 +110,10 @@ class GatewayMetrics:
         seen: dict[str, set[tuple[str, ...]]] = {}
         for family in self.live.collect():
             g = self._gauges.get(family.name)
-            labels = list(family.samples[0].labels) if family.samples else []
             if g is None:
-                g = self._gauges[family.name] = Gauge(family.name, family.documentation, labels, registry=None,
-                                                      multiprocess_mode=GAUGE_MODES[family.name])
+                spec = LIVE_GAUGES[family.name]
+                g = self._gauges[family.name] = Gauge(family.name, spec.doc, list(spec.labels), registry=None,
+                                                      multiprocess_mode=spec.mode)
             keys = seen.setdefault(family.name, set())
             for sample in family.samples:
                 key = tuple(sample.labels.values())
@@ -136,12 +160,9 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         now = time.monotonic()
-        m_in = GaugeMetricFamily("modelfleet_gateway_in_flight", "Requests in flight per model", labels=["model"])
-        m_q = GaugeMetricFamily("modelfleet_gateway_queued", "Requests queued per model", labels=["model"])
-        i_in = GaugeMetricFamily("modelfleet_gateway_instance_in_flight", "Requests in flight per instance",
-                                 labels=["model", "instance"])
-        i_ej = GaugeMetricFamily("modelfleet_gateway_instance_ejected", "1 while the instance is ejected",
-                                 labels=["model", "instance"])
+        m_in, m_q = live_family("modelfleet_gateway_in_flight"), live_family("modelfleet_gateway_queued")
+        i_in = live_family("modelfleet_gateway_instance_in_flight")
+        i_ej = live_family("modelfleet_gateway_instance_ejected")
         for name, m in self.pool.models.items():
             m_in.add_metric([name], m.in_flight)
             m_q.add_metric([name], len(m.waiters))
@@ -151,10 +172,6 @@ class _LiveCollector(Collector):
         yield from (m_in, m_q, i_in, i_ej)
         f = self.watcher.freshness
         age = f.age_s(time.time(), self.watcher.polling)
-        yield GaugeMetricFamily("modelfleet_gateway_route_table_age_seconds",
-                                "Seconds since a controller last vouched for the route table",
-                                value=-1.0 if age is None else age)
-        yield GaugeMetricFamily("modelfleet_gateway_route_table_fresh", "1 while a controller answers",
-                                value=1.0 if f.fresh else 0.0)
-        yield GaugeMetricFamily("modelfleet_gateway_route_table_revision", "Routing revision in use",
-                                value=float(self.watcher.revision))
+        yield live_family("modelfleet_gateway_route_table_age_seconds", -1.0 if age is None else age)
+        yield live_family("modelfleet_gateway_route_table_fresh", 1.0 if f.fresh else 0.0)
+        yield live_family("modelfleet_gateway_route_table_revision", float(self.watcher.revision))
