@@ -18,7 +18,9 @@ from modelfleet.config import (
     DEFAULT_GATEWAY_PORT,
     DEFAULT_RUNNER_PORT_START,
     DEFAULT_WORKER_PORT,
+    SecretFileError,
     default_store_url,
+    resolve_token,
     split_controllers,
 )
 
@@ -34,6 +36,21 @@ ControllerOpt = Annotated[
 ]
 AdminTokenOpt = Annotated[
     str | None, typer.Option("--admin-token", envvar="MODELFLEET_ADMIN_TOKEN", help="Admin token of the cluster.")
+]
+# Files are the recommended way to give a token: a flag's value is readable by every user of
+# the machine in /proc/PID/cmdline. Surrounding whitespace is stripped.
+AdminTokenFileOpt = Annotated[
+    str | None,
+    typer.Option("--admin-token-file", envvar="MODELFLEET_ADMIN_TOKEN_FILE",
+                 help="File holding the admin token (recommended over --admin-token)."),
+]
+JoinTokenOpt = Annotated[
+    str | None, typer.Option("--join-token", envvar="MODELFLEET_JOIN_TOKEN", help="Join token of the cluster.")
+]
+JoinTokenFileOpt = Annotated[
+    str | None,
+    typer.Option("--join-token-file", envvar="MODELFLEET_JOIN_TOKEN_FILE",
+                 help="File holding the join token (recommended over --join-token)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 DEFAULT_CONTROLLER = f"http://127.0.0.1:{DEFAULT_CONTROLLER_PORT}"
@@ -69,13 +86,22 @@ def parse_param_value(v: str) -> Any:
     return v
 
 
-def client(controller: str, admin_token: str | None) -> ControllerClient:
-    return ControllerClient(split_controllers(controller), admin_token)
-
-
 def fail(msg: str) -> None:
     err_console.print(f"[red]error:[/red] {msg}")
     raise typer.Exit(1)
+
+
+def token(value: str | None, path: str | None, what: str) -> str | None:
+    """--X-token or --X-token-file (one of them); a bad file ends the command with one line."""
+    try:
+        return resolve_token(value, path, what)
+    except SecretFileError as exc:
+        fail(str(exc))
+        raise  # unreachable: fail() exits
+
+
+def client(controller: str, admin_token: str | None, admin_token_file: str | None = None) -> ControllerClient:
+    return ControllerClient(split_controllers(controller), token(admin_token, admin_token_file, "admin"))
 
 
 def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -111,7 +137,9 @@ def controller(
     host: Annotated[str, typer.Option(envvar="MODELFLEET_HOST")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="MODELFLEET_PORT")] = DEFAULT_CONTROLLER_PORT,
     admin_token: AdminTokenOpt = None,
-    join_token: Annotated[str | None, typer.Option(envvar="MODELFLEET_JOIN_TOKEN")] = None,
+    admin_token_file: AdminTokenFileOpt = None,
+    join_token: JoinTokenOpt = None,
+    join_token_file: JoinTokenFileOpt = None,
     heartbeat_interval: Annotated[float, typer.Option(envvar="MODELFLEET_HEARTBEAT_INTERVAL")] = 2.0,
     missed_heartbeats: Annotated[
         int, typer.Option(envvar="MODELFLEET_MISSED_HEARTBEATS", help="Dead after this many missed intervals.")
@@ -130,8 +158,10 @@ def controller(
     setup_logging(log_level)
     run_controller(
         ControllerSettings(
-            store_url=store or default_store_url(), host=host, port=port, admin_token=admin_token,
-            join_token=join_token, heartbeat_interval=heartbeat_interval, missed_heartbeats=missed_heartbeats,
+            store_url=store or default_store_url(), host=host, port=port,
+            admin_token=token(admin_token, admin_token_file, "admin"),
+            join_token=token(join_token, join_token_file, "join"), heartbeat_interval=heartbeat_interval,
+            missed_heartbeats=missed_heartbeats,
             lease_ttl=lease_ttl, controller_id=controller_id, reschedule_grace=grace,
             moves_per_minute=moves_per_minute,
         )
@@ -141,8 +171,10 @@ def controller(
 @app.command()
 def worker(
     controller: ControllerOpt = DEFAULT_CONTROLLER,
-    join_token: Annotated[str | None, typer.Option(envvar="MODELFLEET_JOIN_TOKEN")] = None,
+    join_token: JoinTokenOpt = None,
+    join_token_file: JoinTokenFileOpt = None,
     admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
     name: Annotated[str, typer.Option(envvar="MODELFLEET_WORKER_NAME", help="Unique worker name.")] = "",
     address: Annotated[
         str, typer.Option(envvar="MODELFLEET_ADDRESS", help="Address others use to reach this machine.")
@@ -165,7 +197,8 @@ def worker(
     setup_logging(log_level)
     run_worker(
         WorkerSettings(
-            controllers=split_controllers(controller), join_token=join_token, admin_token=admin_token, name=name,
+            controllers=split_controllers(controller), join_token=token(join_token, join_token_file, "join"),
+            admin_token=token(admin_token, admin_token_file, "admin"), name=name,
             address=address, host=host, port=port, heartbeat_interval=heartbeat_interval, models=model or [],
             labels=parse_kv(label, "--label"), runner_port_start=runner_port_start, startup_timeout=startup_timeout,
         )
@@ -176,6 +209,7 @@ def worker(
 def gateway(
     controller: ControllerOpt = DEFAULT_CONTROLLER,
     admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
     host: Annotated[str, typer.Option(envvar="MODELFLEET_HOST")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="MODELFLEET_PORT")] = DEFAULT_GATEWAY_PORT,
     snapshot_path: Annotated[
@@ -208,7 +242,8 @@ def gateway(
     setup_logging(log_level)
     run_gateway(
         GatewaySettings(
-            controllers=split_controllers(controller), admin_token=admin_token, host=host, port=port,
+            controllers=split_controllers(controller), admin_token=token(admin_token, admin_token_file, "admin"),
+            host=host, port=port,
             snapshot_path=snapshot_path, max_body_bytes=max_body_bytes, max_attempts=max_attempts,
             retry_budget_s=retry_budget, eject_after=eject_after, eject_cooldown_s=eject_cooldown,
             queue_len=queue_len, queue_wait_s=queue_wait, processes=processes, log_level=log_level.lower(),
@@ -253,7 +288,8 @@ def deploy(
     param: Annotated[list[str] | None, typer.Option("--param", help="Backend parameter k=v.")] = None,
     policy: Annotated[str, typer.Option(help="spread or binpack")] = "spread",
     weight: int = 100,
-    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None, as_json: JsonOpt = False,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Deploy a model: N replicas placed on workers that fit, kept running by the reconciler."""
     body = {
@@ -263,7 +299,8 @@ def deploy(
         "placement": {"labels": parse_kv(label, "--label"), "gpus": gpus, "gpu_memory": int(gpu_memory * (1 << 30)),
                       "memory": int(memory * (1 << 30)), "policy": policy},
     }
-    data = call(client(controller, admin_token).request, "POST", "/v1/cluster/deployments", json=body)
+    c = client(controller, admin_token, admin_token_file)
+    data = call(c.request, "POST", "/v1/cluster/deployments", json=body)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -276,33 +313,37 @@ def attach(
     url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server (…/v1 or without).")],
     max_concurrency: int = 8,
     controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
 ) -> None:
     """Serve an external OpenAI-compatible server (vLLM, Ollama, llama.cpp, TGI) as model NAME."""
     body = {"name": name, "backend": "openai", "source": url, "replicas": 1, "max_concurrency": max_concurrency}
-    call(client(controller, admin_token).request, "POST", "/v1/cluster/deployments", json=body)
+    call(client(controller, admin_token, admin_token_file).request, "POST", "/v1/cluster/deployments", json=body)
     console.print(f"attached [bold]{name}[/bold] -> {url}")
 
 
 @app.command()
 def scale(name: str, replicas: int, controller: ControllerOpt = DEFAULT_CONTROLLER,
-          admin_token: AdminTokenOpt = None) -> None:
+          admin_token: AdminTokenOpt = None, admin_token_file: AdminTokenFileOpt = None) -> None:
     """Change the number of replicas of a deployment."""
-    call(client(controller, admin_token).request, "PATCH", f"/v1/cluster/deployments/{name}",
+    call(client(controller, admin_token, admin_token_file).request, "PATCH", f"/v1/cluster/deployments/{name}",
          json={"replicas": replicas})
     console.print(f"scaled [bold]{name}[/bold] to {replicas} replica(s)")
 
 
 @app.command()
-def undeploy(name: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None) -> None:
+def undeploy(name: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+             admin_token_file: AdminTokenFileOpt = None) -> None:
     """Delete a deployment; its replicas are stopped."""
-    call(client(controller, admin_token).request, "DELETE", f"/v1/cluster/deployments/{name}")
+    call(client(controller, admin_token, admin_token_file).request, "DELETE", f"/v1/cluster/deployments/{name}")
     console.print(f"undeployed [bold]{name}[/bold]")
 
 
 @app.command()
-def drain(instance: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None) -> None:
+def drain(instance: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+          admin_token_file: AdminTokenFileOpt = None) -> None:
     """Stop sending new requests to an instance; it is stopped once its in-flight requests had time to finish."""
-    call(client(controller, admin_token).request, "POST", f"/v1/cluster/instances/{instance}/drain")
+    c = client(controller, admin_token, admin_token_file)
+    call(c.request, "POST", f"/v1/cluster/instances/{instance}/drain")
     console.print(f"draining [bold]{instance}[/bold]")
 
 
@@ -323,9 +364,9 @@ def chat(
 # --------------------------------------------------------------------------- reads
 @app.command()
 def workers(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
-            as_json: JsonOpt = False) -> None:
+            admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False) -> None:
     """Workers with their resources, heartbeat age and health."""
-    data = call(client(controller, admin_token).get, "/v1/cluster/workers")["data"]
+    data = call(client(controller, admin_token, admin_token_file).get, "/v1/cluster/workers")["data"]
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -344,14 +385,15 @@ def workers(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTo
 
 @app.command()
 def instances(
-    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None, as_json: JsonOpt = False,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     worker: Annotated[str | None, typer.Option(help="Only this worker.")] = None,
     logs: Annotated[str | None, typer.Option("--logs", help="Print the last log lines of this instance.")] = None,
     lines: Annotated[int, typer.Option(help="How many log lines.")] = 50,
 ) -> None:
     """Model instances: state, worker, endpoint, restarts, last error (or --logs ID)."""
-    c = client(controller, admin_token)
+    c = client(controller, admin_token, admin_token_file)
     if logs:
         data = call(c.get, f"/v1/cluster/instances/{logs}/logs", lines=lines)
         if as_json:
@@ -375,22 +417,24 @@ def instances(
 
 @app.command()
 def models(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
-           as_json: JsonOpt = False) -> None:
+           admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False) -> None:
     """Models the cluster serves, with ready replicas."""
-    data = call(client(controller, admin_token).get, "/v1/cluster/models")["data"]
+    data = call(client(controller, admin_token, admin_token_file).get, "/v1/cluster/models")["data"]
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "deployed"],
-                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"], m["deployed"]] for m in data])
+    print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "deployed", "error"],
+                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"], m["deployed"],
+                  (m.get("error") or "")[:120] or None] for m in data])
 
 
 # --------------------------------------------------------------------------- keys
 @keys_app.command("create")
 def keys_create(name: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
-                as_json: JsonOpt = False) -> None:
+                admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False) -> None:
     """Create an API key. The key is printed once; the store keeps only its hash."""
-    data = call(client(controller, admin_token).request, "POST", "/v1/cluster/keys", json={"name": name})
+    c = client(controller, admin_token, admin_token_file)
+    data = call(c.request, "POST", "/v1/cluster/keys", json={"name": name})
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -400,9 +444,9 @@ def keys_create(name: str, controller: ControllerOpt = DEFAULT_CONTROLLER, admin
 
 @keys_app.command("list")
 def keys_list(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
-              as_json: JsonOpt = False) -> None:
+              admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False) -> None:
     """List API keys (ids and names, never secrets)."""
-    data = call(client(controller, admin_token).get, "/v1/cluster/keys")["data"]
+    data = call(client(controller, admin_token, admin_token_file).get, "/v1/cluster/keys")["data"]
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -411,9 +455,9 @@ def keys_list(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: Admin
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, controller: ControllerOpt = DEFAULT_CONTROLLER,
-                admin_token: AdminTokenOpt = None) -> None:
+                admin_token: AdminTokenOpt = None, admin_token_file: AdminTokenFileOpt = None) -> None:
     """Revoke an API key: every gateway refuses it after its next route refresh."""
-    call(client(controller, admin_token).request, "DELETE", f"/v1/cluster/keys/{key_id}")
+    call(client(controller, admin_token, admin_token_file).request, "DELETE", f"/v1/cluster/keys/{key_id}")
     console.print(f"revoked {key_id}")
 
 

@@ -9,9 +9,84 @@ carried as seconds since the epoch *of the store*; health is computed from
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+import orjson
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+
+# -- the limits the store and ids need (store/migrations/versions/0001_initial.py) ---------------
+ID_MAX_LEN = 128  # instance, worker and key ids: String(128) columns
+NAME_MAX_LEN = 255  # model, deployment, backend names: String(255) columns
+# A replica's id is "<deployment>-<8 hex digits>" (reconciler.new_replica): the name must leave room.
+REPLICA_SUFFIX_LEN = 9
+DEPLOYMENT_NAME_MAX_LEN = ID_MAX_LEN - REPLICA_SUFFIX_LEN
+INT32_MAX = 2**31 - 1  # weight, max_concurrency and restarts are Integer columns (32 bits in SQL)
+MAX_CONCURRENCY = 100_000  # requests one instance takes at once: far above any runner's slots
+MAX_REPLICAS = 1000
+SOURCE_MAX_LEN = 4096  # a path, a URL or a repo id (a Text column: 64 KiB in MySQL)
+PARAMS_MAX_BYTES = 64 * 1024  # backend parameters, as JSON
+LABELS_MAX = 64
+LABEL_KEY_MAX_LEN, LABEL_VALUE_MAX_LEN = 128, 255
+MAX_BYTES = 2**50  # memory figures (1 PiB): exact in every store's JSON
+ERROR_MAX_LEN = 8192  # a runner's last error, kept (truncated) rather than refused
+
+
+def store_safe(value: str) -> str:
+    """A string every store can hold: no NUL (PostgreSQL refuses it in text) and valid UTF-8
+    (no lone surrogates, which JSON can carry but no driver can encode)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 (no lone surrogates)") from None
+    return value
+
+
+def _params_ok(params: dict[str, Any]) -> dict[str, Any]:
+    """Backend parameters: JSON of at most PARAMS_MAX_BYTES, every string store-safe."""
+    try:
+        size = len(orjson.dumps(params))
+    except TypeError as exc:  # pragma: no cover - JSON input is always serializable
+        raise ValueError(f"must be JSON: {exc}") from None
+    if size > PARAMS_MAX_BYTES:
+        raise ValueError(f"must be at most {PARAMS_MAX_BYTES} bytes as JSON, got {size}")
+    _walk_strings(params)
+    return params
+
+
+def _walk_strings(value: Any) -> None:
+    if isinstance(value, str):
+        store_safe(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            store_safe(k)
+            _walk_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _walk_strings(v)
+
+
+def _truncate(limit: int) -> Any:
+    def cut(value: Any) -> Any:
+        return value[:limit] if isinstance(value, str) else value
+
+    return BeforeValidator(cut)
+
+
+SafeStr = Annotated[str, AfterValidator(store_safe)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=LABEL_KEY_MAX_LEN), AfterValidator(store_safe)]
+LabelValue = Annotated[str, Field(max_length=LABEL_VALUE_MAX_LEN), AfterValidator(store_safe)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=LABELS_MAX)]
+DeploymentName = Annotated[str, Field(min_length=1, max_length=DEPLOYMENT_NAME_MAX_LEN,
+                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+BackendName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")]
+Source = Annotated[str, Field(max_length=SOURCE_MAX_LEN), AfterValidator(store_safe)]
+Params = Annotated[dict[str, Any], AfterValidator(_params_ok)]
+Replicas = Annotated[int, Field(ge=0, le=MAX_REPLICAS)]
+Concurrency = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
+Weight = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 
 
 class GPU(BaseModel):
@@ -40,13 +115,13 @@ class InstanceState(enum.StrEnum):
 class WorkerInfo(BaseModel):
     """What a worker says about itself in every heartbeat."""
 
-    id: str = Field(min_length=1, max_length=128)
-    name: str = Field(min_length=1, max_length=128)
-    address: str = Field(min_length=1, max_length=255)
+    id: SafeStr = Field(min_length=1, max_length=ID_MAX_LEN)
+    name: SafeStr = Field(min_length=1, max_length=128)
+    address: SafeStr = Field(min_length=1, max_length=255)
     port: int = Field(ge=0, le=65535)
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    version: str = ""
+    version: Annotated[SafeStr, _truncate(NAME_MAX_LEN)] = ""
 
 
 class WorkerRecord(WorkerInfo):
@@ -75,20 +150,20 @@ class InstanceSpec(BaseModel):
 
 
 class InstanceStatus(BaseModel):
-    """The observed part of an instance, as its worker reports it."""
+    """The observed part of an instance, as its worker reports it (bounded to what the store holds)."""
 
-    id: str
+    id: SafeStr = Field(min_length=1, max_length=ID_MAX_LEN)
     state: InstanceState = InstanceState.PENDING
-    endpoint: str | None = None  # base URL of the runner, e.g. http://10.0.0.2:30001
-    restarts: int = 0
-    last_error: str | None = None
+    endpoint: SafeStr | None = Field(default=None, max_length=2048)  # base URL, e.g. http://10.0.0.2:30001
+    restarts: Annotated[int, BeforeValidator(lambda v: min(v, INT32_MAX) if isinstance(v, int) else v)] = 0
+    last_error: Annotated[SafeStr | None, _truncate(ERROR_MAX_LEN)] = None
     # True for instances the worker declared itself (--model): the store creates their rows
     # from this status. Assigned instances (from a deployment) are never created by a report.
     declared: bool = False
-    model: str | None = None  # spec of a declared instance, carried in its status
-    backend: str | None = None
-    source: str | None = None
-    max_concurrency: int | None = None
+    model: SafeStr | None = Field(default=None, min_length=1, max_length=NAME_MAX_LEN)  # a declared instance's spec
+    backend: SafeStr | None = Field(default=None, max_length=NAME_MAX_LEN)
+    source: Source | None = None
+    max_concurrency: Concurrency | None = None
     pid: int | None = None
 
 
@@ -101,6 +176,8 @@ class Instance(InstanceSpec):
 
 
 class Placement(BaseModel):
+    """Where a deployment's replicas may go, as the store holds it."""
+
     labels: dict[str, str] = Field(default_factory=dict)
     gpus: int = Field(default=0, ge=0)
     gpu_memory: int = Field(default=0, ge=0)  # bytes per replica, 0 = estimate
@@ -109,22 +186,52 @@ class Placement(BaseModel):
     policy: str = Field(default="spread", pattern="^(spread|binpack)$")
 
 
-class DeploymentSpec(BaseModel):
-    """What an operator asks for (the body of `POST /v1/cluster/deployments`)."""
+class PlacementSpec(Placement):
+    """Placement as an operator sends it: bounded."""
 
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    labels: Labels = Field(default_factory=dict)
+    gpus: int = Field(default=0, ge=0, le=64)
+    gpu_memory: Bytes = 0
+    memory: Bytes = 0
+    cpu: float = Field(default=0, ge=0, le=4096)
+
+
+class DeploymentFields(BaseModel):
+    """A deployment as the store holds it. Lenient on purpose: a row written before a limit
+    existed must still be read (and then reported as failing), never break every listing."""
+
+    name: str
     backend: str = "llama.cpp"
     source: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
-    replicas: int = Field(default=1, ge=0, le=1000)
-    max_concurrency: int = Field(default=4, ge=1)
+    replicas: int = 1
+    max_concurrency: int = 4
     placement: Placement = Field(default_factory=Placement)
-    weight: int = Field(default=100, ge=0)
+    weight: int = 100
 
 
-class Deployment(DeploymentSpec):
+class DeploymentSpec(DeploymentFields):
+    """What an operator asks for (the body of `POST /v1/cluster/deployments`), within the
+    limits the store and the ids need: the name leaves room for a replica id of at most
+    ID_MAX_LEN characters, integers fit the store's columns, params are at most
+    PARAMS_MAX_BYTES. Out of range: 422 naming the field."""
+
+    name: DeploymentName
+    backend: BackendName = "llama.cpp"
+    source: Source = ""
+    params: Params = Field(default_factory=dict)
+    replicas: Replicas = 1
+    max_concurrency: Concurrency = 4
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
+    weight: Weight = 100
+
+
+class Deployment(DeploymentFields):
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Why the reconciler cannot act on this deployment (None: fine). Set by the lease holder,
+    # cleared by any change of the deployment and by the first pass that succeeds.
+    error: str | None = None
 
 
 class Lease(BaseModel):

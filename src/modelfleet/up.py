@@ -21,7 +21,7 @@ import httpx
 from rich.console import Console
 
 from modelfleet.bundled import BUNDLED
-from modelfleet.config import modelfleet_home
+from modelfleet.config import modelfleet_home, private_dir
 from modelfleet.procutil import with_parent_death_signal
 
 console = Console(stderr=True)
@@ -129,7 +129,8 @@ def wait_models_ready(controller: str, names: list[str], roles: list[Role], time
 def run_up(s: UpSettings) -> int:
     home = Path(s.home).expanduser() if s.home else modelfleet_home()
     logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
+    private_dir(logs)
     env = {**os.environ, "MODELFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     for k in ("MODELFLEET_ADMIN_TOKEN", "MODELFLEET_JOIN_TOKEN", "MODELFLEET_CONTROLLER", "MODELFLEET_PORT",
               "MODELFLEET_HOST", "MODELFLEET_STORE"):

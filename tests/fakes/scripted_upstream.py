@@ -11,7 +11,9 @@ fixed content, and its behaviour is scripted at start (flags) or at run time
   ``fail_count`` requests (-1: until told otherwise);
 - ``hang``: accept requests and never answer (a timeout before headers);
 - ``crash_after_chunks``: a stream sends that many chunks, then the process dies at once
-  (``os._exit``, as abrupt as kill -9 for the peer); ``POST /_crash`` dies now.
+  (``os._exit``, as abrupt as kill -9 for the peer); ``POST /_crash`` dies now;
+- ``pad``: bytes of filler in each stream chunk's content (big answers, fast: a client that
+  stops reading fills the socket buffers within a few chunks).
 
 ``GET /_stats`` reports what it saw, disconnects included: a request whose client went
 away before the answer was complete counts in ``disconnects``, which is how a test proves
@@ -46,6 +48,7 @@ class Script:
     hang: bool = False
     crash_after_chunks: int | None = None
     embedding_dim: int = 8
+    pad: int = 0
 
     def update(self, values: dict[str, Any]) -> None:
         known = {f.name for f in fields(self)}
@@ -236,10 +239,11 @@ class ScriptedUpstream:
                  "system_fingerprint": s.name}
             return b"data: " + orjson.dumps(c) + b"\n\n"
 
+        filler = "x" * s.pad
         for i in range(n):
             if s.crash_after_chunks is not None and i >= s.crash_after_chunks:
                 os._exit(137)
-            await resp.write(chunk(i, f"tok{i} ", None))
+            await resp.write(chunk(i, f"tok{i} {filler}", None))
             if s.token_interval:
                 await asyncio.sleep(s.token_interval)
         await resp.write(chunk(n, None, "stop"))
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-count", type=int, default=-1)
     p.add_argument("--hang", action="store_true")
     p.add_argument("--crash-after-chunks", type=int, default=None)
+    p.add_argument("--pad", type=int, default=0)
     a = p.parse_args(argv)
     script = {k: v for k, v in vars(a).items() if k not in ("host", "port")}
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 from fastapi import FastAPI, Query, Request, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfleet import __version__
 from modelfleet.auth import check_authorization, check_token, new_api_key
@@ -42,15 +42,19 @@ from modelfleet.metrics import (
 )
 from modelfleet.models import (
     ApiKey,
+    Concurrency,
     Deployment,
     DeploymentSpec,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
-    Placement,
+    Params,
+    PlacementSpec,
+    Replicas,
+    Weight,
     WorkerInfo,
 )
-from modelfleet.store import Store, StoreError, StoreUnavailable, describe_url, open_store
+from modelfleet.store import Store, StoreConfigError, StoreError, StoreUnavailable, describe_url, open_store
 
 log = logging.getLogger("modelfleet.controller")
 
@@ -92,11 +96,15 @@ class HeartbeatIn(BaseModel):
 
 
 class DeploymentPatch(BaseModel):
-    replicas: int | None = Field(default=None, ge=0, le=1000)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    weight: int | None = Field(default=None, ge=0)
-    params: dict[str, Any] | None = None
-    placement: Placement | None = None
+    """The same limits as a new deployment (DeploymentSpec); an unknown field is a 422, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: Replicas | None = None
+    max_concurrency: Concurrency | None = None
+    weight: Weight | None = None
+    params: Params | None = None
+    placement: PlacementSpec | None = None
 
 
 class InstanceEventIn(BaseModel):
@@ -348,7 +356,29 @@ class HeartbeatEndpoint:
 
 
 def _store_call_error(exc: Exception) -> ApiError:
-    return ApiError(503, f"store unavailable: {exc or type(exc).__name__}", code="store_unavailable")
+    """An outage is a 503 (clients may try another controller); any other store error is not
+    an outage and another controller would fail the same way: 500, so clients stop there."""
+    if isinstance(exc, StoreUnavailable | StoreConfigError):
+        return ApiError(503, f"store unavailable: {exc or type(exc).__name__}", code="store_unavailable")
+    return ApiError(500, f"the store refused the operation: {exc or type(exc).__name__}", code="store_error")
+
+
+class RejectNul:
+    """400 for a path or query string that carries a NUL character (``%00``): no store can
+    compare with it (PostgreSQL refuses it outright), and a client's bad id must be a 4xx."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope["query_string"]):
+            data = orjson.dumps(error_body(400, "NUL characters are not allowed in paths or query strings",
+                                           code="invalid_request"))
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: ControllerSettings, store: Store | None = None) -> HeartbeatEndpoint:
@@ -519,6 +549,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
                 "ready": sum(1 for i in mine if i.state == InstanceState.READY),
                 "instances": len(mine),
                 "deployed": n in deps,
+                "error": deps[n].error if n in deps else None,
             })
         return {"data": data}
 
@@ -552,7 +583,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         if d is None:
             raise ApiError(404, f"deployment {name} not found")
         changes = body.model_dump(exclude_none=True)
-        d = await ctl.store.put_deployment(d.model_copy(update=changes))
+        d = await ctl.store.put_deployment(Deployment.model_validate({**d.model_dump(), **changes}))
         log.info("deployment %s changed: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
         return d.model_dump()
 
@@ -614,14 +645,12 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         log.info("api key %s revoked", key_id)
         return Response(status_code=204)
 
-    return HeartbeatEndpoint(ctl, app)
+    return HeartbeatEndpoint(ctl, RejectNul(app))
 
 
 def run_controller(settings: ControllerSettings) -> None:
     """Blocking: check the store URL, then serve. A wrong URL exits with one line."""
     import uvicorn
-
-    from modelfleet.store import StoreConfigError
 
     try:
         asyncio.run(_check_store(open_store(settings.store_url)))

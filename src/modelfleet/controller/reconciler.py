@@ -11,7 +11,12 @@ Rules:
   the workers are silent at once: that is a network or store fault, not dead machines;
 - draining (disabled) replicas do not count toward ``replicas``, so a replacement starts at
   once; they are stopped after ``drain_timeout``;
-- replicas that fit nowhere stay pending with the reason, and are retried every pass.
+- replicas that fit nowhere stay pending with the reason, and are retried every pass;
+- a failure stays with the deployment that caused it: an exception while planning or writing
+  one deployment (a value the store refuses, a source the controller cannot look at) is caught,
+  recorded on that deployment (``Deployment.error``: the deployments API and
+  ``modelfleet models`` show it; one log line when it starts, changes or ends) and every
+  other deployment goes on being placed. Only a store outage stops the whole pass.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 
 from modelfleet.controller.scheduler import (
     Capacity,
@@ -34,14 +41,24 @@ from modelfleet.controller.scheduler import (
     deployment_need,
     place_replica,
 )
-from modelfleet.models import Deployment, Instance, InstanceSpec, InstanceState, WorkerRecord
-from modelfleet.store import Store, StoreError
+from modelfleet.models import (
+    DEPLOYMENT_NAME_MAX_LEN,
+    ID_MAX_LEN,
+    Deployment,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    WorkerRecord,
+)
+from modelfleet.store import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger("modelfleet.controller")
 
 RECONCILER_HELD = Gauge("modelfleet_reconciler_held", "1 while moves are held (most workers silent at once)")
 RECONCILER_MOVES = Counter("modelfleet_reconciler_moves_total", "Replicas moved off silent workers")
 RECONCILER_ACTIONS = Counter("modelfleet_reconciler_actions_total", "Reconciler writes", ["action"])
+RECONCILER_FAILING = Gauge("modelfleet_reconciler_failing_deployments",
+                           "Deployments the reconciler cannot act on (their error says why)")
 
 GPU_PARAM = "gpus"  # GPU indexes chosen for a replica; the worker exports CUDA_VISIBLE_DEVICES from it
 
@@ -54,6 +71,18 @@ class Plan:
     delete: list[tuple[str, str]] = field(default_factory=list)  # id, why
     moved: int = 0
     held: str | None = None
+    owner: dict[str, str] = field(default_factory=dict)  # instance id -> deployment, for every action
+    failed: dict[str, str] = field(default_factory=dict)  # deployment -> why it could not be planned
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a deployment's error: the exception's own words, never a traceback."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or exc.title
+        return f"{where}: {first.get('msg')}"[:500]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:500]
 
 
 def panic_hold(workers: list[WorkerRecord], ttl: float) -> str | None:
@@ -65,6 +94,10 @@ def panic_hold(workers: list[WorkerRecord], ttl: float) -> str | None:
 
 
 def new_replica(d: Deployment) -> InstanceSpec:
+    if len(d.name) > DEPLOYMENT_NAME_MAX_LEN:
+        # Written before the API checked it (or straight into the store).
+        raise ValueError(f"deployment name is {len(d.name)} characters: its replica ids (NAME-xxxxxxxx) would "
+                         f"exceed {ID_MAX_LEN}; at most {DEPLOYMENT_NAME_MAX_LEN} fit")
     return InstanceSpec(
         id=f"{d.name}-{uuid.uuid4().hex[:8]}", model=d.name, deployment=d.name, backend=d.backend, source=d.source,
         params=dict(d.params), weight=d.weight, max_concurrency=d.max_concurrency,
@@ -94,7 +127,12 @@ def plan_reconcile(
     by_name = {d.name: d for d in deployments}
     ages = {w.id: w.heartbeat_age for w in workers}
     alive = {w.id for w in workers if w.heartbeat_age < ttl}
-    needs_by_dep = {d.name: deployment_need(d) for d in deployments}
+    needs_by_dep: dict[str, Need] = {}
+    for d in deployments:
+        try:
+            needs_by_dep[d.name] = deployment_need(d)
+        except Exception as exc:  # one deployment's problem, not the cluster's
+            plan.failed[d.name] = failure_reason(exc)
     needs: dict[str, Need] = {i.id: needs_by_dep[i.deployment] for i in instances if i.deployment in needs_by_dep}
     caps = {c.worker_id: c for c in capacities(workers, alive, instances, needs)}
     budget = move_budget
@@ -102,49 +140,73 @@ def plan_reconcile(
     for inst in instances:
         if inst.deployment is not None and inst.deployment not in by_name:
             plan.delete.append((inst.id, f"deployment {inst.deployment} was deleted"))
+            plan.owner[inst.id] = inst.deployment
 
     for d in deployments:
+        if d.name in plan.failed:
+            continue
         mine = [i for i in instances if i.deployment == d.name]
-        keep: list[Instance] = []
-        for i in mine:
-            lost = i.worker_id is not None and ages.get(i.worker_id, float("inf")) >= grace
-            if lost and plan.held is None and budget > 0:
-                budget -= 1
-                plan.moved += 1
-                plan.delete.append((i.id, f"worker {i.worker_id} silent for more than {grace:.0f} s: moving"))
-                continue
-            if not i.enabled:
-                since = drained_since.get(i.id, now)
-                if now - since >= drain_timeout:
-                    plan.delete.append((i.id, f"drained for {drain_timeout:.0f} s"))
-                continue  # draining replicas do not count
-            keep.append(i)
-
-        if len(keep) > d.replicas:
-            for i in sorted(keep, key=extra_order)[: len(keep) - d.replicas]:
-                plan.delete.append((i.id, f"scaled to {d.replicas}"))
-                keep.remove(i)
-
-        need = needs_by_dep[d.name]
-        for i in keep:
-            if i.worker_id is None:
-                _place(plan, i.id, i.pending_reason, d, need, caps)
-        for _ in range(d.replicas - len(keep)):
-            spec = new_replica(d)
-            result = place_replica(d.name, need, d.placement, list(caps.values()))
-            # The worker subtracts declared needs from its resource report.
-            spec.params.setdefault("memory", need.memory)
-            if need.gpu_memory:
-                spec.params.setdefault("gpu_memory", need.gpu_memory)
-            if isinstance(result, Placed):
-                commit(caps[result.worker_id], d.name, need, result.gpu_indexes)
-                spec.worker_id = result.worker_id
-                if result.gpu_indexes:
-                    spec.params[GPU_PARAM] = list(result.gpu_indexes)
-            else:
-                spec.pending_reason = result.reason
-            plan.create.append(spec)
+        part = Plan()
+        try:
+            budget = _plan_deployment(part, d, mine, needs_by_dep[d.name], caps, ages, grace=grace,
+                                      budget=budget, held=plan.held is not None, drained_since=drained_since,
+                                      drain_timeout=drain_timeout, now=now)
+        except Exception as exc:  # nothing of this deployment is done this pass; the others go on
+            plan.failed[d.name] = failure_reason(exc)
+            continue
+        plan.create += part.create
+        plan.place += part.place
+        plan.pending += part.pending
+        plan.delete += part.delete
+        plan.moved += part.moved
+        for iid in [s.id for s in part.create] + [x[0] for x in part.place + part.pending + part.delete]:
+            plan.owner[iid] = d.name
     return plan
+
+
+def _plan_deployment(plan: Plan, d: Deployment, mine: list[Instance], need: Need, caps: dict[str, Capacity],
+                     ages: dict[str, float], *, grace: float, budget: int, held: bool,
+                     drained_since: dict[str, float], drain_timeout: float, now: float) -> int:
+    """One deployment's part of the plan; returns the move budget left."""
+    keep: list[Instance] = []
+    for i in mine:
+        lost = i.worker_id is not None and ages.get(i.worker_id, float("inf")) >= grace
+        if lost and not held and budget > 0:
+            budget -= 1
+            plan.moved += 1
+            plan.delete.append((i.id, f"worker {i.worker_id} silent for more than {grace:.0f} s: moving"))
+            continue
+        if not i.enabled:
+            since = drained_since.get(i.id, now)
+            if now - since >= drain_timeout:
+                plan.delete.append((i.id, f"drained for {drain_timeout:.0f} s"))
+            continue  # draining replicas do not count
+        keep.append(i)
+
+    if len(keep) > d.replicas:
+        for i in sorted(keep, key=extra_order)[: len(keep) - d.replicas]:
+            plan.delete.append((i.id, f"scaled to {d.replicas}"))
+            keep.remove(i)
+
+    for i in keep:
+        if i.worker_id is None:
+            _place(plan, i.id, i.pending_reason, d, need, caps)
+    for _ in range(d.replicas - len(keep)):
+        spec = new_replica(d)
+        result = place_replica(d.name, need, d.placement, list(caps.values()))
+        # The worker subtracts declared needs from its resource report.
+        spec.params.setdefault("memory", need.memory)
+        if need.gpu_memory:
+            spec.params.setdefault("gpu_memory", need.gpu_memory)
+        if isinstance(result, Placed):
+            commit(caps[result.worker_id], d.name, need, result.gpu_indexes)
+            spec.worker_id = result.worker_id
+            if result.gpu_indexes:
+                spec.params[GPU_PARAM] = list(result.gpu_indexes)
+        else:
+            spec.pending_reason = result.reason
+        plan.create.append(spec)
+    return budget
 
 
 def _place(plan: Plan, instance_id: str, old_reason: str | None, d: Deployment, need: Need,
@@ -181,6 +243,7 @@ class Reconciler:
         self.limiter = MoveLimiter(moves_per_minute)
         self.drained_since: dict[str, float] = {}
         self._held: str | None = None
+        self.failing: dict[str, str] = {}  # deployment -> error, as last logged
 
     async def run(self, token: int) -> None:
         log.info("reconciler running (leader token %d, grace %.0f s)", token, self.grace)
@@ -206,8 +269,31 @@ class Reconciler:
             drain_timeout=self.drain_timeout, now=now,
         )
         self._report_hold(plan.held)
-        await self.apply(plan, now)
+        failed = await self.apply(plan, now)
+        await self.record_failures(deployments, failed)
         return plan
+
+    async def record_failures(self, deployments: list[Deployment], failed: dict[str, str]) -> None:
+        """Each deployment's error in the store (written only when it differs from what is
+        there), and one log line when a deployment starts failing, fails differently, or recovers."""
+        for d in deployments:
+            error = failed.get(d.name)
+            was = self.failing.get(d.name)
+            if error != was:
+                if error:
+                    log.warning("deployment %s cannot be reconciled (the others go on): %s", d.name, error)
+                else:
+                    log.info("deployment %s reconciled again", d.name)
+            if d.error != error:
+                try:
+                    await self.store.set_deployment_error(d.name, error)
+                except StoreUnavailable:
+                    raise
+                except StoreError as exc:
+                    log.debug("could not record the error of deployment %s: %s", d.name, exc)
+        names = {d.name for d in deployments}
+        self.failing = {n: e for n, e in failed.items() if n in names}
+        RECONCILER_FAILING.set(len(self.failing))
 
     def _report_hold(self, held: str | None) -> None:
         if held != self._held:
@@ -218,27 +304,58 @@ class Reconciler:
         self._held = held
         RECONCILER_HELD.set(1 if held else 0)
 
-    async def apply(self, plan: Plan, now: float) -> None:
+    async def apply(self, plan: Plan, now: float) -> dict[str, str]:
+        """Write the plan. A write that fails for any reason but a store outage marks its
+        deployment failed and skips the rest of that deployment's writes; the others go on.
+        Returns every failed deployment with its reason."""
+        failed = dict(plan.failed)
+
+        async def act(iid: str, what: str, write: Any) -> bool:
+            owner = plan.owner.get(iid, "")
+            if owner in failed:
+                return False
+            try:
+                await write()
+                return True
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                failed[owner] = f"{what} {iid}: {failure_reason(exc)}"
+                return False
+
         for iid, why in plan.delete:
-            if await self.store.delete_instance(iid):
-                RECONCILER_ACTIONS.labels("delete").inc()
-                log.info("instance %s removed: %s", iid, why)
+            async def delete(iid: str = iid, why: str = why) -> None:
+                if await self.store.delete_instance(iid):
+                    RECONCILER_ACTIONS.labels("delete").inc()
+                    log.info("instance %s removed: %s", iid, why)
+
+            await act(iid, "removing instance", delete)
         if plan.moved:
             self.limiter.spend(plan.moved, now)
             RECONCILER_MOVES.inc(plan.moved)
         for spec in plan.create:
-            await self.store.create_instance(spec)
-            RECONCILER_ACTIONS.labels("create").inc()
-            where = f"on worker {spec.worker_id}" if spec.worker_id else f"pending: {spec.pending_reason}"
-            log.info("instance %s of %s created %s", spec.id, spec.model, where)
+            async def create(spec: InstanceSpec = spec) -> None:
+                await self.store.create_instance(spec)
+                RECONCILER_ACTIONS.labels("create").inc()
+                where = f"on worker {spec.worker_id}" if spec.worker_id else f"pending: {spec.pending_reason}"
+                log.info("instance %s of %s created %s", spec.id, spec.model, where)
+
+            await act(spec.id, "creating instance", create)
         for iid, worker_id, gpus in plan.place:
-            inst = await self.store.get_instance(iid)
-            params = dict(inst.params) if inst else {}
-            if gpus:
-                params[GPU_PARAM] = list(gpus)
-            await self.store.update_instance(iid, worker_id=worker_id, pending_reason=None, params=params)
-            RECONCILER_ACTIONS.labels("place").inc()
-            log.info("instance %s placed on worker %s", iid, worker_id)
+            async def place(iid: str = iid, worker_id: str = worker_id, gpus: tuple[int, ...] = gpus) -> None:
+                inst = await self.store.get_instance(iid)
+                params = dict(inst.params) if inst else {}
+                if gpus:
+                    params[GPU_PARAM] = list(gpus)
+                await self.store.update_instance(iid, worker_id=worker_id, pending_reason=None, params=params)
+                RECONCILER_ACTIONS.labels("place").inc()
+                log.info("instance %s placed on worker %s", iid, worker_id)
+
+            await act(iid, "placing instance", place)
         for iid, reason in plan.pending:
-            await self.store.update_instance(iid, pending_reason=reason)
-            log.info("instance %s pending: %s", iid, reason)
+            async def pending(iid: str = iid, reason: str = reason) -> None:
+                await self.store.update_instance(iid, pending_reason=reason)
+                log.info("instance %s pending: %s", iid, reason)
+
+            await act(iid, "updating instance", pending)
+        return failed

@@ -8,6 +8,29 @@ from modelfleet.models import ApiKey, Deployment, Instance, InstanceState
 
 ROUTABLE_STATES = (InstanceState.READY, InstanceState.DRAINING)
 
+CHAT_AND_COMPLETIONS = ("chat", "completions")
+
+
+def model_endpoints(backend: str, params: dict[str, Any]) -> list[str] | None:
+    """What a model of ``backend`` serves: a subset of chat, completions, embeddings; None when
+    unknown (an attached server, a plug-in backend), and then the gateway lets every endpoint
+    through and the server answers for itself. The gateway refuses the others with 400."""
+    if backend == "sentence-transformers":
+        return ["embeddings"]
+    if backend == "llama.cpp":
+        # llama.cpp embeds only when started for it (the `embedding`/`embeddings` flag).
+        embeds = any(params.get(k) in (True, "true", "True", 1) for k in ("embedding", "embeddings"))
+        return [*CHAT_AND_COMPLETIONS, "embeddings"] if embeds else list(CHAT_AND_COMPLETIONS)
+    if backend == "vllm":
+        # A pooling model (`--runner pooling`, or `--task embed` before vLLM 0.10) embeds and
+        # does nothing else.
+        if params.get("runner") == "pooling" or params.get("task") in ("embed", "embedding"):
+            return ["embeddings"]
+        return list(CHAT_AND_COMPLETIONS)
+    if backend == "transformers":
+        return list(CHAT_AND_COMPLETIONS)
+    return None
+
 
 def build_route_table(
     *,
@@ -26,8 +49,11 @@ def build_route_table(
     instance" (503) from "no such model" (404). Only ready or draining instances on alive
     workers are routable; draining ones carry enabled=False (no new requests)."""
     models: dict[str, list[dict[str, Any]]] = {d.name: [] for d in deployments}
+    endpoints: dict[str, list[str] | None] = {d.name: model_endpoints(d.backend, d.params) for d in deployments}
     for inst in instances:
         models.setdefault(inst.model, [])
+        if inst.model not in endpoints:  # declared by its worker: what its own backend serves
+            endpoints[inst.model] = model_endpoints(inst.backend, inst.params)
         if inst.state not in ROUTABLE_STATES or not inst.endpoint or inst.worker_id not in alive:
             continue
         models[inst.model].append(
@@ -46,7 +72,7 @@ def build_route_table(
         "store_time": store_time,
         "controller_id": controller_id,
         "heartbeat_ttl": ttl,
-        "models": [{"name": name, "instances": models[name]} for name in sorted(models)],
+        "models": [{"name": name, "instances": models[name], "endpoints": endpoints[name]} for name in sorted(models)],
         "api_keys": [{"id": k.id, "secret_hash": k.secret_hash} for k in api_keys if not k.revoked],
         # Once any key was ever created, inference needs one: revoking the last key must
         # close the door, not open it.

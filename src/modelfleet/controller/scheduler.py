@@ -68,11 +68,14 @@ def model_bytes(backend: str, source: str) -> int:
             path = None
     elif source and source.startswith("/"):
         path = Path(source)
-    if path is None or not path.exists():
+    try:
+        if path is None or not path.exists():
+            return DEFAULT_MODEL_BYTES
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except (OSError, ValueError):  # unreadable, a name too long, a NUL byte: the controller cannot see it
         return DEFAULT_MODEL_BYTES
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def replica_need(backend: str, source: str, placement: Placement) -> Need:

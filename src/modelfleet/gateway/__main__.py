@@ -22,7 +22,11 @@ def parse(argv: list[str] | None = None) -> GatewaySettings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_gateway(parse(argv))
+    try:
+        settings = parse(argv)
+    except ValueError as exc:  # a bad setting or token file: one line, no traceback
+        raise SystemExit(f"modelfleet gateway: {exc}") from None
+    run_gateway(settings)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -39,6 +40,36 @@ CLUSTER_METHODS = ["GET", "POST", "PATCH", "DELETE"]
 # Request headers the cluster proxy passes to a controller; the browser's own Authorization
 # goes through as is, and the gateway never adds its admin token to a browser's call.
 CLUSTER_FORWARD = ("authorization", "content-type", "accept")
+
+
+CLUSTER_PREFIX = "/v1/cluster/"
+# What a path segment may keep unencoded when forwarded (RFC 3986 pchar): ids keep their ':'.
+SEGMENT_SAFE = ":@!$&'()*+,;="
+
+
+def cluster_path(raw_path: bytes) -> str | None:
+    """The path to forward for a ``/v1/cluster/…`` request, or None to refuse it (400).
+
+    Decoded once, then every segment must be a plain name: no empty, ``.`` or ``..``
+    segment, no backslash, no control character. A ``%2F`` inside a segment (the console
+    encodes ids, and instance ids contain ``/``) decodes to a separator like any other, so
+    ``instances/w1%2Fa/logs`` forwards as ``instances/w1/a/logs``, which the controller's
+    ``{instance_id:path}`` routes read as ``w1/a``. Each segment is re-encoded on the way out,
+    so what reaches the controller is exactly what was checked: nothing can normalize to a
+    path outside ``/v1/cluster/`` (``..%2f..%2fmetrics`` would have reached ``/metrics``:
+    the HTTP client resolves dot segments)."""
+    try:
+        raw = raw_path.decode("ascii")
+        if not raw.startswith(CLUSTER_PREFIX):
+            return None
+        rest = unquote(raw[len(CLUSTER_PREFIX):], errors="strict")
+    except UnicodeDecodeError:
+        return None
+    segments = rest.split("/")
+    for seg in segments:
+        if seg in ("", ".", "..") or "\\" in seg or any(c < " " or c == "\x7f" for c in seg):
+            return None
+    return CLUSTER_PREFIX + "/".join(quote(seg, safe=SEGMENT_SAFE) for seg in segments)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -301,11 +332,15 @@ class GatewayApp:
         """Pass-through to a healthy controller, so the browser talks only to the gateway."""
         if not self.s.controller_list:
             return error_json(503, "this gateway has no controller configured", code="no_controller")
+        path = cluster_path(request.scope.get("raw_path") or request.scope["path"].encode())
+        if path is None:
+            return error_json(400, "not a cluster path: the path under /v1/cluster/ must be plain segments "
+                              "(no empty, '.' or '..' segment, no backslash)", code="invalid_path")
         headers = {k: v for k in CLUSTER_FORWARD if (v := request.headers.get(k)) is not None}
         body = await request.body()
         try:
             status, data, ctype = await self.watcher.request(
-                request.method, "/v1/cluster/" + request.path_params["path"], headers=headers,
+                request.method, path, headers=headers,
                 data=body or None, params=list(request.query_params.multi_items()), timeout_s=30.0)
         except ConnectionError as exc:
             return error_json(503, str(exc), code="no_controller")

@@ -21,6 +21,7 @@ import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
 from modelfleet.gateway.api import create_app
+from modelfleet.gateway.client_timeouts import ClientTimeouts, guarded_protocol
 from modelfleet.gateway.metrics import MULTIPROC_ENV
 
 __all__ = ["create_app", "run_gateway", "serve"]
@@ -45,9 +46,19 @@ def serve(settings: GatewaySettings, process_index: int = 0) -> None:
     """Run one gateway process until SIGINT/SIGTERM."""
     _setup_logging(settings.log_level)
     sock = bind_socket(settings.host, settings.port)
+    app = create_app(settings, process_index)
+    timeouts = ClientTimeouts(settings.client_header_timeout_s, settings.client_body_timeout_s,
+                              settings.send_timeout_s)
+
+    def timed_out(phase: str) -> None:
+        app.metrics.client_timeouts.labels(phase).inc()
+        log.debug("client connection closed: no progress (%s) within its timeout", phase)
+
     config = uvicorn.Config(
-        create_app(settings, process_index),
-        loop="uvloop", http="httptools", lifespan="on", access_log=False, server_header=False,
+        app,
+        # httptools, plus bounds on clients that stop sending or reading (client_timeouts.py).
+        loop="uvloop", http=guarded_protocol(timeouts, timed_out), lifespan="on", access_log=False,
+        server_header=False,
         log_level=settings.log_level.lower(), timeout_keep_alive=75, backlog=4096,
         # X-Forwarded-For rewriting is a middleware on every request; the gateway does not use it.
         proxy_headers=False,

@@ -81,6 +81,9 @@ class GatewayMetrics:
                                  registry=r)
         self.stream_errors = Counter("modelfleet_gateway_stream_errors", "Streams broken after their first byte",
                                      ["model"], registry=r)
+        self.client_timeouts = Counter("modelfleet_gateway_client_timeouts",
+                                       "Client connections closed for making no progress (client_timeouts.py)",
+                                       ["phase"], registry=r)
         self._req: dict[tuple[str, int], Callable[[], None]] = {}
         self._lat: dict[str, Callable[[float], None]] = {}
         self._ttft: dict[str, Callable[[float], None]] = {}

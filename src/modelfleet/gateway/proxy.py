@@ -34,6 +34,7 @@ from modelfleet.gateway.routes import RouteTable
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats
 from modelfleet.gateway.upstream import Connection, UpstreamError, UpstreamPool
+from modelfleet.gateway.validate import CHAT, COMPLETIONS, EMBEDDINGS, check, wrong_endpoint
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -48,6 +49,7 @@ Send = Callable[[dict[str, Any]], Any]
 PASS_HEADERS = frozenset({b"content-type", b"content-encoding", b"cache-control", b"retry-after", b"vary"})
 PASS_PREFIXES = (b"x-", b"openai-")
 STATUS_CLIENT_GONE = 499  # nginx's convention, for metrics only: nothing is sent
+ENDPOINT_OF = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
 
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
@@ -151,6 +153,13 @@ class Proxy:
             # Metrics label it "-": a label per unknown name would let clients grow the series forever.
             return await self.fail(send, t0, "", 404, f"the model `{model}` does not exist",
                                    param="model", code="model_not_found")
+        # Refused here, a bad request never reaches a runner (which answers 500, or even 200).
+        endpoint = ENDPOINT_OF[path]
+        serves = table.endpoints.get(model)
+        bad = wrong_endpoint(model, endpoint, serves) if serves is not None and endpoint not in serves else \
+            check(endpoint, req)
+        if bad is not None:
+            return await self.fail(send, t0, model, 400, bad.message, param=bad.param, code=bad.code)
         stream = req.get("stream") is True
 
         task = asyncio.current_task()

@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from modelfleet.config import private_dir
+
 log = logging.getLogger("modelfleet.gateway")
 
 
@@ -46,6 +48,8 @@ class RouteTable:
     heartbeat_ttl: float = 6.0
     # True once any API key was ever created (revoked ones included): inference needs a key.
     auth_required: bool = False
+    # What each model serves (chat, completions, embeddings); a model not listed: unknown, all.
+    endpoints: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
 
 
 EMPTY = RouteTable(revision=-1, controller_id="", models={}, key_hashes=frozenset(), payload={})
@@ -70,7 +74,7 @@ def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
             models[name] += extra
     return RouteTable(revision=new.revision, controller_id=new.controller_id, models=models,
                       key_hashes=new.key_hashes, payload=new.payload, heartbeat_ttl=new.heartbeat_ttl,
-                      auth_required=new.auth_required)
+                      auth_required=new.auth_required, endpoints={**previous.endpoints, **new.endpoints})
 
 
 @dataclass(frozen=True)
@@ -105,20 +109,32 @@ def parse_routes(payload: dict[str, Any]) -> RouteTable:
                     max_concurrency=max(1, int(i.get("max_concurrency", 4))), enabled=enabled,
                 ))
             models[str(m["name"])] = tuple(insts)
+        endpoints = parse_endpoints(payload["models"])
         keys = frozenset(str(k["secret_hash"]).lower() for k in payload.get("api_keys") or ())
         return RouteTable(revision=int(payload["revision"]), controller_id=str(payload.get("controller_id", "")),
                           models=models, key_hashes=keys, payload=payload,
                           heartbeat_ttl=float(payload.get("heartbeat_ttl") or 6.0),
-                          auth_required=bool(payload.get("auth_required", bool(keys))))
+                          auth_required=bool(payload.get("auth_required", bool(keys))), endpoints=endpoints)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed routes payload: {exc!r}") from exc
+
+
+def parse_endpoints(models: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
+    """Model -> the endpoints it serves, for models whose entry says (a controller without
+    this field, or a model of unknown backend, leaves every endpoint open)."""
+    out: dict[str, frozenset[str]] = {}
+    for m in models:
+        served = m.get("endpoints")
+        if served is not None:
+            out[str(m["name"])] = frozenset(str(e) for e in served)
+    return out
 
 
 # -- snapshot -------------------------------------------------------------------------------
 def save_snapshot(path: Path, payload: dict[str, Any], fetched_at: float) -> None:
     """Write atomically: a unique temp file in the same directory, fsync, rename. Several
     gateway processes may write the same path; each rename is whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = orjson.dumps({"fetched_at": fetched_at, "routes": payload})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # key hashes inside

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from modelfleet.config import DEFAULT_GATEWAY_PORT, modelfleet_home, split_controllers
+from modelfleet.config import DEFAULT_GATEWAY_PORT, modelfleet_home, resolve_token, split_controllers
 
 MiB = 1024 * 1024
 
@@ -21,6 +21,8 @@ class GatewaySettings:
     port: int = DEFAULT_GATEWAY_PORT
     # Sent to controllers (routes, events, UI proxy default); the join token works too.
     admin_token: str | None = None
+    # The same, read from a file (recommended: a flag is visible in the process list).
+    admin_token_file: str | None = None
     # Where the last route table is persisted; default $MODELFLEET_HOME/gateway-routes.json.
     # An empty string turns persistence off.
     snapshot_path: Path | str | None = None
@@ -34,6 +36,13 @@ class GatewaySettings:
     header_timeout_s: float = 300.0
     # A stream (or body) that stalls this long is broken.
     read_timeout_s: float = 300.0
+    # Clients that make no progress (client_timeouts.py; nginx's names): the request's headers
+    # must arrive within client_header_timeout_s of its first byte, its body must not pause
+    # longer than client_body_timeout_s, and an answer the client stops reading for
+    # send_timeout_s ends its request (connection closed, upstream closed, slot freed).
+    client_header_timeout_s: float = 30.0
+    client_body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
     # Ejection: after this many consecutive failures, for a cooldown that doubles per repeat.
     eject_after: int = 3
     eject_cooldown_s: float = 10.0
@@ -55,6 +64,8 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         self.controllers = split_controllers(self.controllers)
+        self.admin_token = resolve_token(self.admin_token, self.admin_token_file, "admin")
+        self.admin_token_file = None  # read once: a copy (another process) must not read it again
         if self.snapshot_path is None:
             self.snapshot_path = modelfleet_home() / "gateway-routes.json"
         elif self.snapshot_path != "":
@@ -63,6 +74,8 @@ class GatewaySettings:
             self.gateway_id = f"{socket.gethostname()}:{self.port}"
         if self.max_attempts < 1 or self.processes < 1 or self.eject_after < 1:
             raise ValueError("max_attempts, processes and eject_after must be at least 1")
+        if min(self.client_header_timeout_s, self.client_body_timeout_s, self.send_timeout_s) <= 0:
+            raise ValueError("client_header_timeout_s, client_body_timeout_s and send_timeout_s must be positive")
 
     @property
     def controller_list(self) -> list[str]:

@@ -131,7 +131,8 @@ class Store(abc.ABC):
     # -- deployments ---------------------------------------------------------------
     @abc.abstractmethod
     async def put_deployment(self, deployment: Deployment) -> Deployment:
-        """Create or replace (upsert) a deployment by name; bumps the revision."""
+        """Create or replace (upsert) a deployment by name; bumps the revision. Clears its
+        ``error``: a changed deployment is judged afresh by the next reconcile pass."""
 
     @abc.abstractmethod
     async def get_deployment(self, name: str) -> Deployment | None: ...
@@ -141,6 +142,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_deployment(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def set_deployment_error(self, name: str, error: str | None) -> bool:
+        """Record (or clear, with None) why the reconciler cannot act on a deployment, in one
+        atomic write that leaves the rest of the deployment as it is (a concurrent change by
+        an operator is never overwritten). No revision bump: routing does not change. False
+        when no such deployment exists."""
 
     # -- leases --------------------------------------------------------------------
     @abc.abstractmethod

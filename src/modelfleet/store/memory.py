@@ -157,7 +157,8 @@ class MemoryStore(Store):
     async def put_deployment(self, deployment: Deployment) -> Deployment:
         now = time.time()
         old = self._deployments.get(deployment.name)
-        d = deployment.model_copy(update={"created_at": old.created_at if old else now, "updated_at": now})
+        d = deployment.model_copy(update={"created_at": old.created_at if old else now, "updated_at": now,
+                                          "error": None})
         self._deployments[d.name] = d
         self._bump()
         return d.model_copy()
@@ -173,6 +174,13 @@ class MemoryStore(Store):
         if self._deployments.pop(name, None) is None:
             return False
         self._bump()
+        return True
+
+    async def set_deployment_error(self, name: str, error: str | None) -> bool:
+        d = self._deployments.get(name)
+        if d is None:
+            return False
+        self._deployments[name] = d.model_copy(update={"error": error})
         return True
 
     # -- leases

@@ -21,6 +21,7 @@ single Redis, not Redis Cluster):
                       "updated_at" as a string, so Lua's cjson never re-encodes either)
   P:byworker:<wid>    set   ids of the instances whose worker_id is <wid>
   P:deps / depc / depu  hashes  deployment name -> body JSON / created_at / updated_at
+  P:depe              hash  deployment name -> why the reconciler cannot act on it (absent: fine)
   P:lease:<name>      hash  holder, token, exp (never expires in Redis: the token must survive)
   P:keys / keyc       hashes  api key id -> {id, name, secret_hash} JSON / created_at
   P:keyrev            set   revoked api key ids
@@ -198,6 +199,7 @@ local ts = fmt(now())
 redis.call('HSETNX', P .. ':depc', name, ts)
 redis.call('HSET', P .. ':depu', name, ts)
 redis.call('HSET', P .. ':deps', name, ARGV[3])
+redis.call('HDEL', P .. ':depe', name)
 redis.call('INCR', P .. ':rev')
 return {redis.call('HGET', P .. ':depc', name), ts}
 """
@@ -207,7 +209,15 @@ local name = ARGV[2]
 if redis.call('HDEL', P .. ':deps', name) == 0 then return 0 end
 redis.call('HDEL', P .. ':depc', name)
 redis.call('HDEL', P .. ':depu', name)
+redis.call('HDEL', P .. ':depe', name)
 redis.call('INCR', P .. ':rev')
+return 1
+"""
+
+_SET_DEPLOYMENT_ERROR = """
+local name = ARGV[2]
+if redis.call('HEXISTS', P .. ':deps', name) == 0 then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', P .. ':depe', name) else redis.call('HSET', P .. ':depe', name, ARGV[3]) end
 return 1
 """
 
@@ -336,6 +346,7 @@ class RedisStore(Store):
                 "delete_instance": _DELETE_INSTANCE,
                 "put_deployment": _PUT_DEPLOYMENT,
                 "delete_deployment": _DELETE_DEPLOYMENT,
+                "set_deployment_error": _SET_DEPLOYMENT_ERROR,
                 "acquire_lease": _ACQUIRE_LEASE,
                 "release_lease": _RELEASE_LEASE,
                 "get_lease": _GET_LEASE,
@@ -530,30 +541,36 @@ class RedisStore(Store):
 
     # -- deployments ---------------------------------------------------------------
     async def put_deployment(self, deployment: Deployment) -> Deployment:
-        body = deployment.model_dump_json(exclude={"created_at", "updated_at"})
+        body = deployment.model_dump_json(exclude={"created_at", "updated_at", "error"})
         created, updated = await self._script("put_deployment", deployment.name, body, repeatable=True)
-        return deployment.model_copy(update={"created_at": float(created), "updated_at": float(updated)})
+        return deployment.model_copy(update={"created_at": float(created), "updated_at": float(updated),
+                                             "error": None})
 
     @staticmethod
-    def _deployment(body: str, created: str | None, updated: str | None) -> Deployment:
+    def _deployment(body: str, created: str | None, updated: str | None, error: str | None) -> Deployment:
         doc = orjson.loads(body)
-        doc.update(created_at=float(created or 0), updated_at=float(updated or 0))
+        doc.update(created_at=float(created or 0), updated_at=float(updated or 0), error=error)
         return Deployment.model_validate(doc)
 
     async def get_deployment(self, name: str) -> Deployment | None:
-        body, created, updated = await self._multi(
-            lambda p: (p.hget(self._k("deps"), name), p.hget(self._k("depc"), name), p.hget(self._k("depu"), name))
+        body, created, updated, error = await self._multi(
+            lambda p: (p.hget(self._k("deps"), name), p.hget(self._k("depc"), name), p.hget(self._k("depu"), name),
+                       p.hget(self._k("depe"), name))
         )
-        return self._deployment(body, created, updated) if body else None
+        return self._deployment(body, created, updated, error) if body else None
 
     async def list_deployments(self) -> list[Deployment]:
-        bodies, created, updated = await self._multi(
-            lambda p: (p.hgetall(self._k("deps")), p.hgetall(self._k("depc")), p.hgetall(self._k("depu")))
+        bodies, created, updated, errors = await self._multi(
+            lambda p: (p.hgetall(self._k("deps")), p.hgetall(self._k("depc")), p.hgetall(self._k("depu")),
+                       p.hgetall(self._k("depe")))
         )
-        return [self._deployment(bodies[n], created.get(n), updated.get(n)) for n in sorted(bodies)]
+        return [self._deployment(bodies[n], created.get(n), updated.get(n), errors.get(n)) for n in sorted(bodies)]
 
     async def delete_deployment(self, name: str) -> bool:
         return await self._script("delete_deployment", name) == 1
+
+    async def set_deployment_error(self, name: str, error: str | None) -> bool:
+        return await self._script("set_deployment_error", name, error or "", repeatable=True) == 1
 
     # -- leases --------------------------------------------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:

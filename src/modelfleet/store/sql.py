@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import sqlite3
@@ -38,6 +39,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from modelfleet.config import private_dir
 from modelfleet.models import (
     ApiKey,
     Deployment,
@@ -236,9 +238,13 @@ class SQLStore(Store):
         @event.listens_for(engine, "do_connect")
         def _mkdir(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(path.parent)
             except OSError as exc:
                 raise StoreConfigError(f"{self._desc}: cannot create the database's directory") from exc
+            # The database holds key hashes: created 0600 here, before SQLite would create it
+            # 0644; SQLite gives its -wal and -shm files the database file's mode.
+            with contextlib.suppress(OSError):  # exists already; or SQLite will say why it cannot
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, conn_rec: Any) -> None:
@@ -822,7 +828,7 @@ class SQLStore(Store):
 
     # -- deployments ---------------------------------------------------------------
     async def put_deployment(self, deployment: Deployment) -> Deployment:
-        body = deployment.model_dump_json(exclude={"created_at", "updated_at"})
+        body = deployment.model_dump_json(exclude={"created_at", "updated_at", "error"})
 
         async def op(conn: AsyncConnection) -> Deployment:
             await conn.execute(self._sql["put_deployment"], {"name": deployment.name, "body": body})
@@ -852,6 +858,22 @@ class SQLStore(Store):
             return True
 
         return await self._run(self._engine, op, write=True)
+
+    async def set_deployment_error(self, name: str, error: str | None) -> bool:
+        # One UPDATE that sets a single key of the JSON body, so an operator's change that
+        # lands meanwhile is kept. (json, not jsonb, on PostgreSQL: hence the casts.)
+        if self.dialect == "postgresql":
+            sql = ("UPDATE deployments SET body = CAST(CAST(body AS jsonb) || "
+                   "jsonb_build_object('error', CAST(:error AS text)) AS json) WHERE name = :name")
+        elif self.dialect == "mysql":
+            sql = "UPDATE deployments SET body = JSON_SET(body, '$.error', :error) WHERE name = :name"
+        else:
+            sql = "UPDATE deployments SET body = json_set(body, '$.error', :error) WHERE name = :name"
+
+        async def op(conn: AsyncConnection) -> bool:
+            return (await conn.execute(text(sql), {"name": name, "error": error})).rowcount > 0
+
+        return await self._run(self._engine, op, write=True, repeatable=True)
 
     # -- leases --------------------------------------------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:

@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from modelfleet.config import private_dir
 from modelfleet.models import InstanceSpec, InstanceState, InstanceStatus
 from modelfleet.procutil import with_parent_death_signal
 from modelfleet.worker.runners import ATTACHED, Launch, LaunchError, prepare_launch
@@ -158,7 +159,7 @@ class Supervisor:
         self.health_interval = health_interval
         self.health_failures = max(1, health_failures)
         self.probe_timeout = probe_timeout
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         self._instances: dict[str, _Managed] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._generation = 0
