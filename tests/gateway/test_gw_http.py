@@ -4,6 +4,7 @@ metrics, the console hooks and the cluster pass-through."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 
@@ -186,3 +187,81 @@ def test_several_processes_publish_live_gauges_without_errors(cluster: Cluster) 
     log = cluster.gateway_proc.log_path.read_text(errors="replace") if cluster.gateway_proc else ""
     assert "Traceback" not in log and "publishing metrics failed" not in log, log[-3000:]
     assert " ERROR " not in log, log[-3000:]
+
+
+def test_bad_requests_get_400_naming_the_field_and_never_reach_an_instance(gw: Cluster) -> None:
+    g = gw.gateway_url
+    before = sum(gw.upstream_stats(n)["requests"] for n in ("a", "b"))
+    cases = [
+        ("/v1/chat/completions", {"model": "m", "messages": "hello"}, "messages"),
+        ("/v1/chat/completions", chat(max_tokens="16"), "max_tokens"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {"model": "m"}, "messages"),
+        ("/v1/chat/completions", chat(max_tokens=-1), "max_tokens"),
+        ("/v1/chat/completions", chat(stream="yes"), "stream"),
+        ("/v1/completions", {"model": "m", "prompt": {"text": "x"}}, "prompt"),
+        ("/v1/embeddings", {"model": "m", "input": [1, "a"]}, "input[1]"),
+    ]
+    for path, body, param in cases:
+        r = httpx.post(f"{g}{path}", json=body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"], err
+        assert r.headers["x-modelfleet-instance"] == "-"
+    assert sum(gw.upstream_stats(n)["requests"] for n in ("a", "b")) == before  # no instance saw any
+    text = httpx.get(f"{g}/metrics").text
+    assert f'modelfleet_gateway_requests_total{{model="m",status="400"}} {len(cases)}.0' in text
+    # Unknown fields (backends' own extensions) pass through.
+    assert httpx.post(f"{g}/v1/chat/completions", json=chat(top_k=40, min_p=0.1)).status_code == 200
+
+
+def test_an_instance_answering_500_is_passed_through_and_never_ejected(gw: Cluster) -> None:
+    """A 500 is often the request's own fault (a runner's validation error): passing it on
+    and not counting it keeps one poison request from ejecting every instance in turn."""
+    for name in ("a", "b"):
+        gw.control(name, status=500, fail_count=-1)
+    url = f"{gw.gateway_url}/v1/chat/completions"
+    for _ in range(8):  # well past eject_after (3) on each instance
+        r = httpx.post(url, json=chat())
+        assert r.status_code == 500 and "scripted failure" in r.json()["error"]["message"]
+    for iid in ("w1/a", "w1/b"):
+        view = gw.instance_view(iid)
+        assert view is not None and not view["ejected"] and view["consecutive_failures"] == 0, view
+    assert sum(gw.upstream_stats(n)["failed_on_purpose"] for n in ("a", "b")) == 8  # one attempt each, no retry
+    for name in ("a", "b"):
+        gw.control(name, status=200)
+    assert httpx.post(url, json=chat()).status_code == 200
+
+
+def raw_get(base: str, raw_path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET with the path sent exactly as given (HTTP clients normalize dot segments)."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    lines = [f"GET {raw_path} HTTP/1.1", f"Host: {host}", "Connection: close",
+             *(f"{k}: {v}" for k, v in (headers or {}).items()), "", ""]
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall("\r\n".join(lines).encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_cluster_passthrough_forwards_only_paths_under_v1_cluster(gw: Cluster) -> None:
+    g = gw.gateway_url
+    for raw in ("/v1/cluster/..%2f..%2fopenapi.json", "/v1/cluster/..%2f..%2fmetrics", "/v1/cluster/../../metrics",
+                "/v1/cluster/%2e%2e/%2e%2e/openapi.json", "/v1/cluster/..%5c..%5cmetrics", "/v1/cluster/workers/",
+                "/v1/cluster//workers", "/v1/cluster/./workers", "/v1/cluster/instances/w1%2F..%2F..%2F..%2Fmetrics"):
+        status, body = raw_get(g, raw, admin_h())
+        assert status == 400, (raw, status, body[:200])
+        assert b"modelfleet_controller" not in body and b"openapi" not in body
+        assert json.loads(body)["error"]["code"] == "invalid_path"
+    # What the console and the CLI call still works, instance ids with "/" included.
+    status, body = raw_get(g, "/v1/cluster/instances/w1%2Fa", admin_h())
+    assert status == 200 and json.loads(body)["id"] == "w1/a", body
+    status, body = raw_get(g, "/v1/cluster/instances?model=m", admin_h())
+    assert status == 200 and {i["id"] for i in json.loads(body)["data"]} == {"w1/a", "w1/b"}
+    r = httpx.post(f"{g}/v1/cluster/instances/w1%2Fb/drain", headers=admin_h())
+    assert r.status_code == 200 and r.json()["id"] == "w1/b" and r.json()["enabled"] is False

@@ -334,6 +334,29 @@ async def test_deployments(store: Store) -> None:
     assert await store.get_revision() == rev + 4
 
 
+async def test_deployment_error_is_recorded_alone_and_cleared_by_a_change(store: Store) -> None:
+    d = await store.put_deployment(Deployment(name="poison", params={"big": 2**40, "s": "\u00e9"}, weight=7))
+    rev = await store.get_revision()
+    assert await store.set_deployment_error("poison", "id: String should have at most 128 characters")
+    got = await store.get_deployment("poison")
+    assert got is not None and got.error == "id: String should have at most 128 characters"
+    # Only the error changed: the rest of the deployment, exactly (big numbers included).
+    assert got.model_dump(exclude={"error"}) == d.model_dump(exclude={"error"})
+    assert [x.error for x in await store.list_deployments()] == [got.error]
+    assert await store.get_revision() == rev  # routing does not change
+    assert await store.set_deployment_error("poison", None)
+    assert (await store.get_deployment("poison")).error is None  # type: ignore[union-attr]
+    await store.set_deployment_error("poison", "again")
+    changed = await store.put_deployment(got.model_copy(update={"replicas": 3}))  # an operator's change
+    assert changed.error is None and (await store.get_deployment("poison")).error is None  # type: ignore[union-attr]
+    assert not await store.set_deployment_error("missing", "x")
+    assert await store.get_deployment("missing") is None
+    await store.set_deployment_error("poison", "x")
+    assert await store.delete_deployment("poison")
+    await store.put_deployment(Deployment(name="poison"))
+    assert (await store.get_deployment("poison")).error is None  # type: ignore[union-attr]
+
+
 # -- leases --------------------------------------------------------------------------------
 async def test_lease_rules(store: Store) -> None:
     a = await store.acquire_lease("scheduler", "ctl-a", 10)

@@ -47,8 +47,9 @@ class ClientTimeouts:
     send_s: float = 30.0
 
 
-def next_deadline(phase: int, phase_start: float, last_data: float, paused_at: float | None,
-                  t: ClientTimeouts) -> tuple[float, str] | None:
+def next_deadline(
+    phase: int, phase_start: float, last_data: float, paused_at: float | None, t: ClientTimeouts
+) -> tuple[float, str] | None:
     """The nearest deadline of a connection and what it bounds; None when nothing is pending
     (between requests on a kept-alive connection: uvicorn's keep-alive timeout covers that)."""
     best: tuple[float, str] | None = None
@@ -139,8 +140,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.abort()  # connection_lost follows: the request's disconnect path frees its slot
 
 
-def guarded_protocol(timeouts: ClientTimeouts, on_timeout: Callable[[str], None] | None = None
-                     ) -> type[GuardedHttpToolsProtocol]:
+def guarded_protocol(
+    timeouts: ClientTimeouts, on_timeout: Callable[[str], None] | None = None
+) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to give uvicorn (``Config(http=...)``) for these timeouts."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
-                {"timeouts": timeouts, "on_timeout": staticmethod(on_timeout) if on_timeout else None})
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"timeouts": timeouts, "on_timeout": staticmethod(on_timeout) if on_timeout else None},
+    )

@@ -55,8 +55,9 @@ def _kind(v: Any) -> str:
 
 
 def _type_error(param: str, expected: str, v: Any) -> Invalid:
-    return Invalid(f"Invalid type for '{param}': expected {expected}, but got {_kind(v)} instead.", param,
-                   "invalid_type")
+    return Invalid(
+        f"Invalid type for '{param}': expected {expected}, but got {_kind(v)} instead.", param, "invalid_type"
+    )
 
 
 def _missing(param: str) -> Invalid:
@@ -76,11 +77,17 @@ def _int(body: dict[str, Any], key: str, lo: int, hi: int | None = None) -> Inva
     if not _is_int(v):
         return _type_error(key, "an integer", v)
     if v < lo:
-        return Invalid(f"Invalid '{key}': integer below minimum value. Expected a value >= {lo}, but got {v} "
-                       "instead.", key, "integer_below_min_value")
+        return Invalid(
+            f"Invalid '{key}': integer below minimum value. Expected a value >= {lo}, but got {v} instead.",
+            key,
+            "integer_below_min_value",
+        )
     if hi is not None and v > hi:
-        return Invalid(f"Invalid '{key}': integer above maximum value. Expected a value <= {hi}, but got {v} "
-                       "instead.", key, "integer_above_max_value")
+        return Invalid(
+            f"Invalid '{key}': integer above maximum value. Expected a value <= {hi}, but got {v} instead.",
+            key,
+            "integer_above_max_value",
+        )
     return None
 
 
@@ -92,11 +99,17 @@ def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> Invalid | N
     if t is not float and t is not int:
         return _type_error(key, "a number", v)
     if v < lo:
-        return Invalid(f"Invalid '{key}': decimal below minimum value. Expected a value >= {lo}, but got {v} "
-                       "instead.", key, "decimal_below_min_value")
+        return Invalid(
+            f"Invalid '{key}': decimal below minimum value. Expected a value >= {lo}, but got {v} instead.",
+            key,
+            "decimal_below_min_value",
+        )
     if v > hi:
-        return Invalid(f"Invalid '{key}': decimal above maximum value. Expected a value <= {hi}, but got {v} "
-                       "instead.", key, "decimal_above_max_value")
+        return Invalid(
+            f"Invalid '{key}': decimal above maximum value. Expected a value <= {hi}, but got {v} instead.",
+            key,
+            "decimal_above_max_value",
+        )
     return None
 
 
@@ -128,8 +141,12 @@ def _stop(body: dict[str, Any]) -> Invalid | None:
     if type(v) is not list:
         return _type_error("stop", "a string or an array of strings", v)
     if len(v) > MAX_STOP:
-        return Invalid(f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, but "
-                       f"got an array with length {len(v)} instead.", "stop", "array_above_max_length")
+        return Invalid(
+            f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, but "
+            f"got an array with length {len(v)} instead.",
+            "stop",
+            "array_above_max_length",
+        )
     for i, s in enumerate(v):
         if type(s) is not str:
             return _type_error(f"stop[{i}]", "a string", s)
@@ -147,18 +164,27 @@ def _logit_bias(body: dict[str, Any]) -> Invalid | None:
         if t is not int and t is not float:
             return _type_error(f"logit_bias.{k}", "a number", b)
         if not -100 <= b <= 100:
-            return Invalid(f"Invalid 'logit_bias.{k}': expected a value between -100 and 100, but got {b} "
-                           "instead.", f"logit_bias.{k}", "invalid_value")
+            return Invalid(
+                f"Invalid 'logit_bias.{k}': expected a value between -100 and 100, but got {b} instead.",
+                f"logit_bias.{k}",
+                "invalid_value",
+            )
     return None
 
 
 def _sampling(body: dict[str, Any]) -> Invalid | None:
     """The sampling fields chat and completions share."""
     return (
-        _number(body, "temperature", 0, 2) or _number(body, "top_p", 0, 1)
-        or _number(body, "presence_penalty", -2, 2) or _number(body, "frequency_penalty", -2, 2)
-        or _int(body, "n", 1, MAX_N) or _int(body, "seed", -(2**63), 2**64 - 1)
-        or _bool(body, "stream") or _object(body, "stream_options") or _stop(body) or _logit_bias(body)
+        _number(body, "temperature", 0, 2)
+        or _number(body, "top_p", 0, 1)
+        or _number(body, "presence_penalty", -2, 2)
+        or _number(body, "frequency_penalty", -2, 2)
+        or _int(body, "n", 1, MAX_N)
+        or _int(body, "seed", -(2**63), 2**64 - 1)
+        or _bool(body, "stream")
+        or _object(body, "stream_options")
+        or _stop(body)
+        or _logit_bias(body)
         or _str(body, "user")
     )
 
@@ -168,8 +194,11 @@ def _parts(content: list[Any], param: str) -> Invalid | None:
     """An array of content parts: objects with a string ``type`` (text, image_url, input_audio,
     file, refusal; backends add others, so the type's value is theirs to judge)."""
     if not content:
-        return Invalid(f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an "
-                       "empty array instead.", param, "empty_array")
+        return Invalid(
+            f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            param,
+            "empty_array",
+        )
     for j, part in enumerate(content):
         p = f"{param}[{j}]"
         if type(part) is not dict:
@@ -180,8 +209,11 @@ def _parts(content: list[Any], param: str) -> Invalid | None:
         if type(kind) is not str:
             return _type_error(f"{p}.type", "a string", kind)
         if kind == "text" and type(part.get("text")) is not str:
-            return _missing(f"{p}.text") if part.get("text") is None else _type_error(f"{p}.text", "a string",
-                                                                                      part["text"])
+            return (
+                _missing(f"{p}.text")
+                if part.get("text") is None
+                else _type_error(f"{p}.text", "a string", part["text"])
+            )
     return None
 
 
@@ -195,8 +227,12 @@ def _message(m: Any, i: int) -> Invalid | None:
     if type(role) is not str:
         return _type_error(f"{p}.role", "a string", role)
     if role not in ROLES:
-        return Invalid(f"Invalid value: '{role[:100]}'. Supported values are: 'system', 'assistant', 'user', "
-                       "'function', 'tool', and 'developer'.", f"{p}.role", "invalid_value")
+        return Invalid(
+            f"Invalid value: '{role[:100]}'. Supported values are: 'system', 'assistant', 'user', "
+            "'function', 'tool', and 'developer'.",
+            f"{p}.role",
+            "invalid_value",
+        )
     content = m.get("content")
     tc = type(content)
     if tc is list:
@@ -243,8 +279,11 @@ def _tools(body: dict[str, Any]) -> Invalid | None:
             if type(t) is not dict:
                 return _type_error(f"tools[{i}]", "an object", t)
             if type(t.get("type")) is not str:
-                return _missing(f"tools[{i}].type") if t.get("type") is None else \
-                    _type_error(f"tools[{i}].type", "a string", t["type"])
+                return (
+                    _missing(f"tools[{i}].type")
+                    if t.get("type") is None
+                    else _type_error(f"tools[{i}].type", "a string", t["type"])
+                )
     choice = body.get("tool_choice")
     if choice is not None and type(choice) is not str and type(choice) is not dict:
         return _type_error("tool_choice", "a string or an object", choice)
@@ -253,8 +292,11 @@ def _tools(body: dict[str, Any]) -> Invalid | None:
         if type(fmt) is not dict:
             return _type_error("response_format", "an object", fmt)
         if type(fmt.get("type")) is not str:
-            return _missing("response_format.type") if fmt.get("type") is None else \
-                _type_error("response_format.type", "a string", fmt["type"])
+            return (
+                _missing("response_format.type")
+                if fmt.get("type") is None
+                else _type_error("response_format.type", "a string", fmt["type"])
+            )
     return _bool(body, "parallel_tool_calls")
 
 
@@ -265,15 +307,22 @@ def check_chat(body: dict[str, Any]) -> Invalid | None:
     if type(messages) is not list:
         return _type_error("messages", "an array", messages)
     if not messages:
-        return Invalid("Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
-                       "empty array instead.", "messages", "empty_array")
+        return Invalid(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            "messages",
+            "empty_array",
+        )
     for i, m in enumerate(messages):
         bad = _message(m, i)
         if bad:
             return bad
     return (
-        _int(body, "max_tokens", 1) or _int(body, "max_completion_tokens", 1) or _sampling(body)
-        or _bool(body, "logprobs") or _int(body, "top_logprobs", 0, 20) or _tools(body)
+        _int(body, "max_tokens", 1)
+        or _int(body, "max_completion_tokens", 1)
+        or _sampling(body)
+        or _bool(body, "logprobs")
+        or _int(body, "top_logprobs", 0, 20)
+        or _tools(body)
     )
 
 
@@ -292,11 +341,18 @@ def _text_or_tokens(v: Any, param: str, what: str, max_items: int | None = None)
     if type(v) is not list:
         return _type_error(param, what, v)
     if not v:
-        return Invalid(f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an "
-                       "empty array instead.", param, "empty_array")
+        return Invalid(
+            f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            param,
+            "empty_array",
+        )
     if max_items is not None and len(v) > max_items:
-        return Invalid(f"Invalid '{param}': array too long. Expected an array with maximum length {max_items}, "
-                       f"but got an array with length {len(v)} instead.", param, "array_above_max_length")
+        return Invalid(
+            f"Invalid '{param}': array too long. Expected an array with maximum length {max_items}, "
+            f"but got an array with length {len(v)} instead.",
+            param,
+            "array_above_max_length",
+        )
     first = type(v[0])
     if first is str:
         for j, s in enumerate(v):
@@ -310,8 +366,12 @@ def _text_or_tokens(v: Any, param: str, what: str, max_items: int | None = None)
             if type(row) is not list:
                 return _type_error(f"{param}[{j}]", "an array of integers", row)
             if not row:
-                return Invalid(f"Invalid '{param}[{j}]': empty array. Expected an array with minimum length 1, "
-                               "but got an empty array instead.", f"{param}[{j}]", "empty_array")
+                return Invalid(
+                    f"Invalid '{param}[{j}]': empty array. Expected an array with minimum length 1, "
+                    "but got an empty array instead.",
+                    f"{param}[{j}]",
+                    "empty_array",
+                )
             bad = _tokens(row, f"{param}[{j}]")
             if bad:
                 return bad
@@ -327,8 +387,12 @@ def check_completions(body: dict[str, Any]) -> Invalid | None:
     if prompt is None:
         return _missing("prompt")
     return (
-        _text_or_tokens(prompt, "prompt", PROMPT_TYPES) or _int(body, "max_tokens", 0) or _sampling(body)
-        or _int(body, "best_of", 0, 20) or _int(body, "logprobs", 0, 5) or _bool(body, "echo")
+        _text_or_tokens(prompt, "prompt", PROMPT_TYPES)
+        or _int(body, "max_tokens", 0)
+        or _sampling(body)
+        or _int(body, "best_of", 0, 20)
+        or _int(body, "logprobs", 0, 5)
+        or _bool(body, "echo")
         or _str(body, "suffix")
     )
 
@@ -345,8 +409,11 @@ def check_embeddings(body: dict[str, Any]) -> Invalid | None:
     if fmt is not None and fmt != "float" and fmt != "base64":
         if type(fmt) is not str:
             return _type_error("encoding_format", "a string", fmt)
-        return Invalid(f"Invalid value: '{fmt[:100]}'. Supported values are: 'float' and 'base64'.",
-                       "encoding_format", "invalid_value")
+        return Invalid(
+            f"Invalid value: '{fmt[:100]}'. Supported values are: 'float' and 'base64'.",
+            "encoding_format",
+            "invalid_value",
+        )
     return _int(body, "dimensions", 1) or _str(body, "user")
 
 
@@ -361,5 +428,6 @@ def check(endpoint: str, body: dict[str, Any]) -> Invalid | None:
 def wrong_endpoint(model: str, endpoint: str, serves: frozenset[str]) -> Invalid:
     """The model is known but does not serve this endpoint (embeddings of a chat model…)."""
     where = ", ".join(PATHS[e] for e in ENDPOINTS if e in serves) or "nothing"
-    return Invalid(f"the model `{model}` does not serve {PATHS[endpoint]}; it serves {where}", "model",
-                   "unsupported_endpoint")
+    return Invalid(
+        f"the model `{model}` does not serve {PATHS[endpoint]}; it serves {where}", "model", "unsupported_endpoint"
+    )
