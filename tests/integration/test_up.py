@@ -66,6 +66,14 @@ def test_up_serves_bundled_models_and_ctrl_c_leaves_nothing(tmp_path):
     try:
         gateway = up.wait_ready()
         out = up.output
+        # State for this user only: the home, logs and the gateway snapshot's folder 0700; the
+        # SQLite store (key hashes) and its WAL files, the route snapshot 0600.
+        home = tmp_path / "home"
+        modes = {p.relative_to(home).as_posix(): oct(p.stat().st_mode & 0o777)
+                 for p in (home, home / "logs", home / "logs" / "local", home / "state.db", home / "state.db-wal",
+                           home / "state.db-shm", home / "gateway-routes.json")}
+        assert modes == {".": "0o700", "logs": "0o700", "logs/local": "0o700", "state.db": "0o600",
+                         "state.db-wal": "0o600", "state.db-shm": "0o600", "gateway-routes.json": "0o600"}, modes
         assert f"OpenAI endpoint: {gateway}/v1" in out and f"web console:     {gateway}/" in out
         assert f"curl {gateway}/v1/chat/completions" in out
         tree = up.descendants()
