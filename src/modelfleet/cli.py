@@ -228,6 +228,15 @@ def gateway(
         float, typer.Option(envvar="MODELFLEET_HEADER_TIMEOUT_S", help="Longest wait for an answer to start.")
     ] = 300.0,
     read_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_READ_TIMEOUT_S")] = 300.0,
+    send_timeout: Annotated[
+        float, typer.Option(envvar="MODELFLEET_SEND_TIMEOUT_S", help="End a request whose client reads nothing.")
+    ] = 30.0,
+    client_header_timeout: Annotated[
+        float, typer.Option(envvar="MODELFLEET_CLIENT_HEADER_TIMEOUT_S", help="Longest time to get request headers.")
+    ] = 30.0,
+    client_body_timeout: Annotated[
+        float, typer.Option(envvar="MODELFLEET_CLIENT_BODY_TIMEOUT_S", help="Longest pause in a request body.")
+    ] = 30.0,
     eject_cooldown_max: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_MAX_S")] = 300.0,
     affinity_slack: Annotated[int, typer.Option(envvar="MODELFLEET_AFFINITY_SLACK")] = 4,
     affinity_ratio: Annotated[float, typer.Option(envvar="MODELFLEET_AFFINITY_RATIO")] = 2.0,
@@ -248,6 +257,8 @@ def gateway(
             retry_budget_s=retry_budget, eject_after=eject_after, eject_cooldown_s=eject_cooldown,
             queue_len=queue_len, queue_wait_s=queue_wait, processes=processes, log_level=log_level.lower(),
             connect_timeout_s=connect_timeout, header_timeout_s=header_timeout, read_timeout_s=read_timeout,
+            send_timeout_s=send_timeout, client_header_timeout_s=client_header_timeout,
+            client_body_timeout_s=client_body_timeout,
             eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
             poll_wait_s=poll_wait, gateway_id=gateway_id,
         )
