@@ -132,8 +132,9 @@ def run_up(s: UpSettings) -> int:
     private_dir(home)
     private_dir(logs)
     env = {**os.environ, "MODELFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    for k in ("MODELFLEET_ADMIN_TOKEN", "MODELFLEET_JOIN_TOKEN", "MODELFLEET_CONTROLLER", "MODELFLEET_PORT",
-              "MODELFLEET_HOST", "MODELFLEET_STORE"):
+    for k in ("MODELFLEET_ADMIN_TOKEN", "MODELFLEET_JOIN_TOKEN", "MODELFLEET_ADMIN_TOKEN_FILE",
+              "MODELFLEET_JOIN_TOKEN_FILE", "MODELFLEET_CONTROLLER", "MODELFLEET_PORT", "MODELFLEET_HOST",
+              "MODELFLEET_STORE"):
         env.pop(k, None)  # `up` is the embedded, local, token-less cluster
     controller = f"http://127.0.0.1:{s.controller_port}"
     gateway = f"http://127.0.0.1:{s.gateway_port}"

@@ -4,6 +4,8 @@ pass-through's paths (api.cluster_path) and the client timeouts' deadlines."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from modelfleet.controller.routes import build_route_table, model_endpoints
@@ -236,16 +238,20 @@ def test_route_table_carries_endpoints_to_the_gateway() -> None:
         state=InstanceState.READY,
         endpoint="http://h:1",
     )
-    payload = build_route_table(
-        revision=3,
-        store_time=0.0,
-        controller_id="c",
-        ttl=6.0,
-        alive={"w1"},
-        instances=[declared],
-        deployments=deps,
-        api_keys=[],
-    )
+
+    def payload_at(revision: int) -> dict[str, Any]:
+        return build_route_table(
+            revision=revision,
+            store_time=0.0,
+            controller_id="c",
+            ttl=6.0,
+            alive={"w1"},
+            instances=[declared],
+            deployments=deps,
+            api_keys=[],
+        )
+
+    payload = payload_at(3)
     table = parse_routes(payload)
     assert table.endpoints == {
         "chat": frozenset({"chat", "completions"}),
@@ -257,18 +263,7 @@ def test_route_table_carries_endpoints_to_the_gateway() -> None:
         del m["endpoints"]
     assert parse_routes(payload).endpoints == {}
     # The reconnect grace keeps what a kept model serves.
-    older = parse_routes(
-        build_route_table(
-            revision=2,
-            store_time=0.0,
-            controller_id="c",
-            ttl=6.0,
-            alive={"w1"},
-            instances=[declared],
-            deployments=deps,
-            api_keys=[],
-        )
-    )
+    older = parse_routes(payload_at(2))
     assert keep_missing(older, parse_routes({**payload, "models": []})).endpoints["emb"] == frozenset({"embeddings"})
 
 

@@ -208,16 +208,14 @@ def _parts(content: list[Any], param: str) -> Invalid | None:
     file, refusal; backends add others, so the type's value is theirs to judge)."""
     if not content:
         return _empty(param)
+    bad = _typed_objects(param, content)
+    if bad:
+        return bad
     for j, part in enumerate(content):
-        p = f"{param}[{j}]"
-        if type(part) is not dict:
-            return _type_error(p, "an object", part)
-        bad = _has_type(p, part)
-        if bad:
-            return bad
         if part["type"] == "text" and type(part.get("text")) is not str:
             text = part.get("text")
-            return _missing(f"{p}.text") if text is None else _type_error(f"{p}.text", "a string", text)
+            p = f"{param}[{j}].text"
+            return _missing(p) if text is None else _type_error(p, "a string", text)
     return None
 
 
