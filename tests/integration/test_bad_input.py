@@ -71,6 +71,7 @@ def test_out_of_range_values_are_4xx_on_every_store(procs, store_url: str) -> No
         ("PATCH", f"{deps}/ok", {"max_concurrency": 10**10}, "max_concurrency"),
         ("PATCH", f"{deps}/ok", {"wieght": 5}, "wieght"),  # a typo is refused, not silently ignored
         ("POST", f"{ctl}/v1/cluster/keys", {"name": "k" * 300}, "name"),
+        ("POST", f"{ctl}/v1/cluster/keys", {"name": "a\u0000b"}, "name"),
         (
             "POST",
             f"{ctl}/v1/cluster/heartbeat",

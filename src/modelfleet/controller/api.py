@@ -51,6 +51,7 @@ from modelfleet.models import (
     Params,
     PlacementSpec,
     Replicas,
+    SafeStr,
     Weight,
     WorkerInfo,
 )
@@ -114,7 +115,7 @@ class InstanceEventIn(BaseModel):
 
 
 class KeyIn(BaseModel):
-    name: str = Field(min_length=1, max_length=128)
+    name: SafeStr = Field(min_length=1, max_length=128)
 
 
 class RevisionWatcher:
