@@ -124,13 +124,17 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 
 async def interleaved(targets: dict[str, str], body: bytes, batches: int, batch: int) -> dict[str, list[float]]:
-    """Sequential requests (concurrency 1), ``batch`` at a time to each target in turn, each
-    target over its own keep-alive connection: the machine's noise falls on all alike."""
+    """Sequential requests (concurrency 1), ``batch`` at a time to each target in turn (the
+    order rotating), each over its own keep-alive connection: the machine's noise falls on
+    all alike."""
     times: dict[str, list[float]] = {t: [] for t in targets}
     clients = {t: httpx.AsyncClient(timeout=10) for t in targets}
     try:
+        order = list(targets)
         for b in range(batches + 1):
-            for t, url in targets.items():
+            order = order[1:] + order[:1]  # each target takes each place in turn: no position bias
+            for t in order:
+                url = targets[t]
                 for _ in range(batch):
                     t0 = time.perf_counter()
                     r = await clients[t].post(url, content=body, headers={"content-type": "application/json"})
