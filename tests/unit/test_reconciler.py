@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from modelfleet.controller.reconciler import MoveLimiter, panic_hold, plan_reconcile
-from modelfleet.models import Deployment, Instance, InstanceState
+import logging
+
+from modelfleet.controller.reconciler import MoveLimiter, Reconciler, panic_hold, plan_reconcile
+from modelfleet.models import Deployment, Instance, InstanceState, Resources, WorkerInfo
+from modelfleet.store import StoreError
+from modelfleet.store.memory import MemoryStore
 from tests.unit.test_scheduler import worker
 
 TTL, GRACE = 6.0, 30.0
@@ -106,3 +110,47 @@ def test_declared_instances_are_left_alone():
     declared = Instance(id="w/m", model="m", deployment=None, worker_id="a")
     p = plan([], [declared], [worker("a")])
     assert p.delete == [] and p.create == []
+
+
+# -- a failure stays with its deployment ----------------------------------------------------------
+def test_a_deployment_that_cannot_be_planned_does_not_stop_the_others():
+    poison = dep(name="p" * 200, replicas=1)  # its replica ids would not fit the 128-character id column
+    p = plan([poison, dep(name="good", replicas=2)], [], [worker("a"), worker("b")])
+    assert sorted(s.worker_id for s in p.create) == ["a", "b"] and {s.deployment for s in p.create} == {"good"}
+    assert set(p.failed) == {poison.name} and "replica ids" in p.failed[poison.name]
+    assert all(p.owner[s.id] == "good" for s in p.create)
+
+
+class RefusingStore(MemoryStore):
+    """A store that refuses the rows of one deployment, as a SQL store refuses a value its
+    column cannot hold (failure injection: the only way to get it from the memory store)."""
+
+    async def create_instance(self, spec):
+        if spec.deployment == "bad":
+            raise StoreError("DataError: integer out of range")
+        return await super().create_instance(spec)
+
+
+async def test_a_write_the_store_refuses_stays_with_its_deployment(caplog):
+    store = RefusingStore()
+    await store.heartbeat(WorkerInfo(id="a", name="a", address="h", port=1,
+                                     resources=Resources(cpu_cores=8, memory_total=64 << 30)))
+    for name in ("bad", "good"):
+        await store.put_deployment(dep(name=name, replicas=2))
+    r = Reconciler(store, ttl=TTL, grace=GRACE, moves_per_minute=10)
+    with caplog.at_level(logging.INFO, logger="modelfleet.controller"):
+        for _ in range(3):
+            await r.reconcile_once()
+    assert [i.deployment for i in await store.list_instances()] == ["good", "good"]
+    bad, good = await store.get_deployment("bad"), await store.get_deployment("good")
+    assert bad.error and bad.error == "creating a replica: DataError: integer out of range"
+    assert good.error is None
+    lines = [r.getMessage() for r in caplog.records if "cannot be reconciled" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("deployment bad cannot be reconciled"), lines  # once, not per pass
+
+    # Fixed by its operator: the error clears on the next pass, with one line saying so.
+    await store.put_deployment(dep(name="bad", replicas=0))
+    with caplog.at_level(logging.INFO, logger="modelfleet.controller"):
+        await r.reconcile_once()
+    assert (await store.get_deployment("bad")).error is None
+    assert any(r.getMessage() == "deployment bad reconciled again" for r in caplog.records)

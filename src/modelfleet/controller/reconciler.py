@@ -26,8 +26,8 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
@@ -310,7 +310,7 @@ class Reconciler:
         Returns every failed deployment with its reason."""
         failed = dict(plan.failed)
 
-        async def act(iid: str, what: str, write: Any) -> bool:
+        async def act(iid: str, what: str, write: Callable[[], Awaitable[None]]) -> bool:
             owner = plan.owner.get(iid, "")
             if owner in failed:
                 return False
@@ -320,7 +320,9 @@ class Reconciler:
             except StoreUnavailable:
                 raise
             except Exception as exc:
-                failed[owner] = f"{what} {iid}: {failure_reason(exc)}"
+                # No random id in the reason (a new replica's): the same failure must read the
+                # same on every pass, or it would be logged and written again each time.
+                failed[owner] = f"{what}: {failure_reason(exc)}"
                 return False
 
         for iid, why in plan.delete:
@@ -329,7 +331,7 @@ class Reconciler:
                     RECONCILER_ACTIONS.labels("delete").inc()
                     log.info("instance %s removed: %s", iid, why)
 
-            await act(iid, "removing instance", delete)
+            await act(iid, f"removing instance {iid}", delete)
         if plan.moved:
             self.limiter.spend(plan.moved, now)
             RECONCILER_MOVES.inc(plan.moved)
@@ -340,7 +342,7 @@ class Reconciler:
                 where = f"on worker {spec.worker_id}" if spec.worker_id else f"pending: {spec.pending_reason}"
                 log.info("instance %s of %s created %s", spec.id, spec.model, where)
 
-            await act(spec.id, "creating instance", create)
+            await act(spec.id, "creating a replica", create)
         for iid, worker_id, gpus in plan.place:
             async def place(iid: str = iid, worker_id: str = worker_id, gpus: tuple[int, ...] = gpus) -> None:
                 inst = await self.store.get_instance(iid)
@@ -351,11 +353,11 @@ class Reconciler:
                 RECONCILER_ACTIONS.labels("place").inc()
                 log.info("instance %s placed on worker %s", iid, worker_id)
 
-            await act(iid, "placing instance", place)
+            await act(iid, f"placing instance {iid}", place)
         for iid, reason in plan.pending:
             async def pending(iid: str = iid, reason: str = reason) -> None:
                 await self.store.update_instance(iid, pending_reason=reason)
                 log.info("instance %s pending: %s", iid, reason)
 
-            await act(iid, "updating instance", pending)
+            await act(iid, f"updating instance {iid}", pending)
         return failed
