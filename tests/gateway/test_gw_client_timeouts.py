@@ -76,7 +76,7 @@ def test_streams_nobody_reads_free_their_slots(cluster: Cluster) -> None:
         json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     )
     assert r.status_code == 200, r.text  # before: a 429 after the 30 s queue wait, and forever after
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 20  # the send timeout after the buffers fill; the queue wait is 30 s
     for s in stalled:
         assert closed_within(s, 10) is not None, "the gateway closed the stalled connection"
         s.close()
