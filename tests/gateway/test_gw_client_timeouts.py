@@ -77,12 +77,13 @@ def test_streams_nobody_reads_free_their_slots(cluster: Cluster) -> None:
     )
     assert r.status_code == 200, r.text  # before: a 429 after the 30 s queue wait, and forever after
     assert time.monotonic() - t0 < 20  # the send timeout after the buffers fill; the queue wait is 30 s
+    # Both stalled streams are cut (reading them now would make them progress: look first).
+    wait_for(lambda: cluster.upstream_stats("a")["disconnects"] == 2, 15, what="the upstream saw both streams end")
+    wait_for(lambda: cluster.status()["models"][0]["in_flight"] == 0, 5, what="slots freed")
+    assert metric(cluster, 'modelfleet_gateway_client_timeouts_total{phase="send"}') == 2
     for s in stalled:
         assert closed_within(s, 10) is not None, "the gateway closed the stalled connection"
         s.close()
-    wait_for(lambda: cluster.upstream_stats("a")["disconnects"] == 2, 10, what="the upstream saw both streams end")
-    wait_for(lambda: cluster.status()["models"][0]["in_flight"] == 0, 5, what="slots freed")
-    assert metric(cluster, 'modelfleet_gateway_client_timeouts_total{phase="send"}') == 2
 
 
 def test_requests_that_never_finish_arriving_are_cut(cluster: Cluster) -> None:
