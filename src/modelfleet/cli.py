@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from typing import Annotated, Any
 
@@ -27,6 +26,10 @@ from modelfleet.config import (
 app = typer.Typer(help="modelfleet: one OpenAI-compatible endpoint in front of many machines.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for inference (the store keeps only their hash).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+models_app = typer.Typer(help="Models the cluster serves (no subcommand); `models pull` downloads one ahead of time.")
+app.add_typer(models_app, name="models")
+cache_app = typer.Typer(help="The workers' model caches: list (no subcommand) and prune.")
+app.add_typer(cache_app, name="cache")
 # Piped output keeps whole rows (rich would wrap at 80 columns when not on a terminal).
 console = Console() if sys.stdout.isatty() else Console(width=240)
 err_console = Console(stderr=True)
@@ -150,12 +153,23 @@ def controller(
     ] = 30.0,
     moves_per_minute: Annotated[int, typer.Option(envvar="MODELFLEET_MOVES_PER_MINUTE")] = 10,
     controller_id: Annotated[str, typer.Option(envvar="MODELFLEET_CONTROLLER_ID")] = "",
+    catalog: Annotated[
+        str | None, typer.Option(envvar="MODELFLEET_CATALOG", help="A catalog YAML file added to the built-in one.")
+    ] = None,
+    source_lookup_timeout: Annotated[
+        float, typer.Option(envvar="MODELFLEET_SOURCE_LOOKUP_TIMEOUT", help="Seconds to ask a hub for a model's size.")
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a controller: cluster state in a store, answers workers and gateways."""
+    from modelfleet.catalog import CatalogError, load_catalog
     from modelfleet.controller.api import ControllerSettings, run_controller
 
     setup_logging(log_level)
+    try:
+        load_catalog(catalog)
+    except CatalogError as exc:
+        raise SystemExit(f"modelfleet controller: {exc}") from None
     run_controller(
         ControllerSettings(
             store_url=store or default_store_url(), host=host, port=port,
@@ -163,7 +177,7 @@ def controller(
             join_token=token(join_token, join_token_file, "join"), heartbeat_interval=heartbeat_interval,
             missed_heartbeats=missed_heartbeats,
             lease_ttl=lease_ttl, controller_id=controller_id, reschedule_grace=grace,
-            moves_per_minute=moves_per_minute,
+            moves_per_minute=moves_per_minute, catalog=catalog, source_lookup_timeout=source_lookup_timeout,
         )
     )
 
@@ -189,20 +203,33 @@ def worker(
     label: Annotated[list[str] | None, typer.Option("--label", help="k=v, repeatable.")] = None,
     runner_port_start: Annotated[int, typer.Option(envvar="MODELFLEET_RUNNER_PORT_START")] = DEFAULT_RUNNER_PORT_START,
     startup_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_STARTUP_TIMEOUT")] = 600.0,
+    models_dir: Annotated[
+        str | None,
+        typer.Option(envvar="MODELFLEET_MODELS_DIR", help="Model cache for remote sources ($MODELFLEET_HOME/models)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a worker agent: registers with a controller, runs model instances on this machine."""
+    from pathlib import Path
+
     from modelfleet.worker.agent import WorkerSettings, run_worker
 
     setup_logging(log_level)
-    run_worker(
-        WorkerSettings(
-            controllers=split_controllers(controller), join_token=token(join_token, join_token_file, "join"),
-            admin_token=token(admin_token, admin_token_file, "admin"), name=name,
-            address=address, host=host, port=port, heartbeat_interval=heartbeat_interval, models=model or [],
-            labels=parse_kv(label, "--label"), runner_port_start=runner_port_start, startup_timeout=startup_timeout,
-        )
+    from modelfleet.worker.modelspec import parse_model_flag
+
+    settings = WorkerSettings(
+        controllers=split_controllers(controller), join_token=token(join_token, join_token_file, "join"),
+        admin_token=token(admin_token, admin_token_file, "admin"), name=name,
+        address=address, host=host, port=port, heartbeat_interval=heartbeat_interval, models=model or [],
+        labels=parse_kv(label, "--label"), runner_port_start=runner_port_start, startup_timeout=startup_timeout,
+        models_dir=Path(models_dir).expanduser().absolute() if models_dir else None,
     )
+    try:
+        for m in settings.models:
+            parse_model_flag(m, settings.name)
+    except ValueError as exc:
+        raise SystemExit(f"modelfleet worker: {exc}") from None
+    run_worker(settings)
 
 
 @app.command()
@@ -285,11 +312,40 @@ def up(
 
 
 # --------------------------------------------------------------------------- deployments
+def infer_backend(source: str) -> str | None:
+    """The backend a source obviously means: a bundled model's own, llama.cpp for a GGUF file or
+    quantization; None when only the user can say."""
+    from modelfleet.bundled import BUNDLED
+    from modelfleet.sources import SourceError, parse_source
+
+    if source in BUNDLED:
+        return BUNDLED[source].backend
+    try:
+        src = parse_source(source)
+    except SourceError:
+        return None
+    path = (src.file or src.url) if src is not None else source
+    if (src is not None and src.quant) or (path or "").lower().endswith(".gguf"):
+        return "llama.cpp"
+    return None
+
+
 @app.command()
 def deploy(
-    name: str,
-    backend: Annotated[str, typer.Option(help="llama.cpp, sentence-transformers, transformers, vllm, openai")],
-    model: Annotated[str, typer.Option("--model", help="Model source: bundled name, path, or URL (openai).")],
+    name: Annotated[str, typer.Argument(help="The model name clients send (or a catalog entry name).")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Source: a path, a bundled name, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE@REV, "
+                                     "modelscope://… (the same), https://…#sha256=…, or a URL (openai). "
+                                     "Default: the catalog entry NAME."),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="llama.cpp, sentence-transformers, transformers, vllm, openai (default: from the catalog "
+                          "or the source)"),
+    ] = None,
+    quant: Annotated[str | None, typer.Option(help="GGUF quantization to pick in a repository, e.g. Q4_K_M.")] = None,
+    catalog: Annotated[str | None, typer.Option(help="Deploy this catalog entry under NAME.")] = None,
     replicas: int = 1,
     max_concurrency: Annotated[int, typer.Option(help="Requests one instance serves at once.")] = 4,
     gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
@@ -302,20 +358,39 @@ def deploy(
     controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
     admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Deploy a model: N replicas placed on workers that fit, kept running by the reconciler."""
-    body = {
-        "name": name, "backend": backend, "source": model, "replicas": replicas,
-        "max_concurrency": max_concurrency, "weight": weight,
+    """Deploy a model: N replicas placed on workers that fit, kept running by the reconciler. A remote
+    source is downloaded once per worker into its model cache (`modelfleet instances` shows the progress)."""
+    from modelfleet.sources import SourceError, with_quant
+
+    body: dict[str, Any] = {
+        "name": name, "replicas": replicas, "max_concurrency": max_concurrency, "weight": weight,
         "params": {k: parse_param_value(v) for k, v in parse_kv(param, "--param").items()},
         "placement": {"labels": parse_kv(label, "--label"), "gpus": gpus, "gpu_memory": int(gpu_memory * (1 << 30)),
                       "memory": int(memory * (1 << 30)), "policy": policy},
     }
-    c = client(controller, admin_token, admin_token_file)
-    data = call(c.request, "POST", "/v1/cluster/deployments", json=body)
+    if catalog:
+        body["catalog"] = catalog
+    if model:
+        try:
+            body["source"] = with_quant(model, quant) if quant else model
+        except SourceError as exc:
+            fail(str(exc))
+        backend = backend or infer_backend(model)
+        if backend is None and not catalog:
+            fail(f"which backend runs {model}? give --backend (llama.cpp, sentence-transformers, transformers, vllm, "
+                 "openai)")
+    elif quant:
+        fail("--quant needs --model (a hf:// or modelscope:// repository)")
+    if backend:
+        body["backend"] = backend  # left out: the catalog entry's backend
+    data = call(client(controller, admin_token, admin_token_file).request, "POST", "/v1/cluster/deployments", json=body)
     if as_json:
         print(json.dumps(data, indent=2))
-    else:
-        console.print(f"deployed [bold]{name}[/bold]: {backend} {model}, {replicas} replica(s)")
+        return
+    size = f"; size {human_bytes(data['model_bytes'])} ({data['model_bytes_from']})" if data.get("model_bytes") else (
+        f"; size {data['model_bytes_from']}" if data.get("model_bytes_from") else "")
+    console.print(f"deployed [bold]{name}[/bold]: {data['backend']} {data['source']}, {data['replicas']} "
+                  f"replica(s){size}")
 
 
 @app.command()
@@ -420,16 +495,20 @@ def instances(
     rows = []
     for i in data:
         state = i["state"] if i["enabled"] or i["state"] != "ready" else "ready (disabled)"
+        if i.get("download") and i["state"] == "downloading":
+            state = f"downloading {download_text(i['download'])}"
         why = i.get("last_error") or i.get("pending_reason") or ""
         rows.append([i["id"], i["model"], i["backend"], state, i["worker_id"], i["endpoint"], i["restarts"],
                      why.splitlines()[0][:80] if why else None])
     print_table("instances", ["id", "model", "backend", "state", "worker", "endpoint", "restarts", "last error"], rows)
 
 
-@app.command()
-def models(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
            admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False) -> None:
     """Models the cluster serves, with ready replicas."""
+    if ctx.invoked_subcommand is not None:
+        return
     data = call(client(controller, admin_token, admin_token_file).get, "/v1/cluster/models")["data"]
     if as_json:
         print(json.dumps(data, indent=2))
@@ -437,6 +516,175 @@ def models(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTok
     print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "deployed", "error"],
                 [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"], m["deployed"],
                   (m.get("error") or "")[:120] or None] for m in data])
+
+
+def download_text(d: dict[str, Any]) -> str:
+    """'45% of 94.0 MiB, 7.5 MiB/s, 7 s left' from a download's progress."""
+    done, total = d.get("done") or 0, d.get("total")
+    if d.get("state") == "resolving":
+        return "(asking the hub)"
+    parts = [f"{100 * done / total:.0f}% of {human_bytes(total)}" if total else human_bytes(done)]
+    if d.get("rate"):
+        parts.append(f"{human_bytes(d['rate'])}/s")
+    if d.get("eta_s") is not None:
+        parts.append(f"{d['eta_s']:.0f} s left")
+    return "(" + ", ".join(parts) + ")"
+
+
+def target_workers(c: ControllerClient, names: list[str] | None, all_workers: bool) -> list[str]:
+    if names:
+        return names
+    if not all_workers:
+        fail("name the worker(s) with --worker W (repeatable), or use --all-workers")
+    alive = [w["id"] for w in call(c.get, "/v1/cluster/workers")["data"] if w.get("alive")]
+    if not alive:
+        fail("no worker is alive")
+    return alive
+
+
+WorkerOpt = Annotated[list[str] | None, typer.Option("--worker", "-w", help="Worker id, repeatable.")]
+AllWorkersOpt = Annotated[bool, typer.Option("--all-workers", help="Every alive worker.")]
+
+
+@models_app.command("pull")
+def models_pull(
+    source: Annotated[str, typer.Argument(help="hf://…, modelscope://… or https://… (or a catalog entry name).")],
+    worker: WorkerOpt = None, all_workers: AllWorkersOpt = False,
+    backend: Annotated[str | None, typer.Option(help="Decides which files a repository means (llama.cpp: one GGUF).")
+                       ] = None,
+    quant: Annotated[str | None, typer.Option(help="GGUF quantization to pick, e.g. Q4_K_M.")] = None,
+    wait: Annotated[bool, typer.Option(help="Show progress until done (--no-wait: start and return).")] = True,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Download a model into workers' caches ahead of time (placement then prefers them)."""
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from modelfleet.sources import SourceError, is_remote, with_quant
+
+    c = client(controller, admin_token, admin_token_file)
+    if not is_remote(source):
+        entry = next((e for e in call(c.get, "/v1/cluster/catalog")["data"] if e["name"] == source), None)
+        if entry is None or not is_remote(entry["source"]):
+            fail(f"{source!r} is neither a remote source nor a catalog entry with one")
+        source, backend = entry["source"], backend or entry["backend"]
+    try:
+        source = with_quant(source, quant) if quant else source
+    except SourceError as exc:
+        fail(str(exc))
+    started: dict[str, dict[str, Any]] = {}
+    for w in target_workers(c, worker, all_workers):
+        started[w] = call(c.request, "POST", f"/v1/cluster/workers/{w}/models/pull",
+                          json={"source": source, "backend": backend})["download"]
+    if not wait:
+        if as_json:
+            print(json.dumps(started, indent=2))
+        else:
+            for w, d in started.items():
+                console.print(f"{w}: pulling {d['source']}")
+        return
+    final: dict[str, dict[str, Any]] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, disable=as_json, transient=False) as bar:
+        tasks = {w: bar.add_task(f"{w}: {d['source']}", total=None) for w, d in started.items()}
+        while len(final) < len(started):
+            for w, d0 in started.items():
+                if w in final:
+                    continue
+                rows = call(c.get, f"/v1/cluster/workers/{w}/models/downloads")["data"]
+                d = next((r for r in rows if r["source"] == d0["source"] and r.get("backend") == d0.get("backend")),
+                         None)
+                if d is None:
+                    continue
+                bar.update(tasks[w], completed=d["done"], total=d["total"])
+                if d["state"] in ("done", "failed"):
+                    final[w] = d
+            time.sleep(0.5)
+    if as_json:
+        print(json.dumps(final, indent=2))
+    failed = {w: d for w, d in final.items() if d["state"] == "failed"}
+    if not as_json:
+        for w, d in final.items():
+            if d["state"] == "done":
+                size = human_bytes(d["total"] or d["done"])
+                console.print(f"{w}: {d['source']} is in the cache ({size}) at {d['path']}")
+            else:
+                err_console.print(f"[red]{w}: {d['error']}[/red]")
+    if failed:
+        raise typer.Exit(1)
+
+
+@cache_app.callback(invoke_without_command=True)
+def cache(
+    ctx: typer.Context, worker: WorkerOpt = None,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Models in the workers' caches (every alive worker unless --worker), with size and use."""
+    if ctx.invoked_subcommand is not None:
+        return
+    c = client(controller, admin_token, admin_token_file)
+    out = {w: call(c.get, f"/v1/cluster/workers/{w}/models/cache") for w in target_workers(c, worker, True)}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    rows = []
+    for w, data in out.items():
+        for e in data["data"]:
+            rows.append([w, e["source"], human_bytes(e["bytes"]), e["files"],
+                         "in use" if e["in_use"] else ("complete" if e["complete"] else "INCOMPLETE"),
+                         time_ago(e["last_used"]), e["path"]])
+        for d in data.get("downloads", []):
+            rows.append([w, d["source"], human_bytes(d["done"]), d["files"], f"downloading {download_text(d)}", "-",
+                         "-"])
+    print_table("model cache", ["worker", "source", "size", "files", "state", "last used", "path"], rows)
+    for w, data in out.items():
+        console.print(f"{w}: {data['dir']}, {human_bytes(data['disk_free'])} free")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    worker: WorkerOpt = None, all_workers: AllWorkersOpt = False,
+    source: Annotated[str | None, typer.Option(help="Only this source (default: every one no instance uses).")] = None,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Delete cached models no instance on that worker uses (and unfinished downloads)."""
+    c = client(controller, admin_token, admin_token_file)
+    out = {w: call(c.request, "POST", f"/v1/cluster/workers/{w}/models/cache/prune", json={"source": source})
+           for w in target_workers(c, worker, all_workers)}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    for w, r in out.items():
+        freed = human_bytes(r["freed"]) if r["freed"] else "0 B"
+        console.print(f"{w}: removed {len(r['removed'])} item(s), freed {freed}")
+        for item in r["removed"]:
+            console.print(f"  {item}")
+
+
+@app.command("catalog")
+def catalog_list(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+                 admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False) -> None:
+    """Models known to work with each backend: `modelfleet deploy NAME` deploys one."""
+    data = call(client(controller, admin_token, admin_token_file).get, "/v1/cluster/catalog")["data"]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    print_table("catalog", ["name", "kind", "backend", "source", "size", "memory", "gpu memory", "from"],
+                [[e["name"], e["kind"], e["backend"], e["source"], human_bytes(e["size"]), human_bytes(e["memory"]),
+                  human_bytes(e["gpu_memory"]), e["origin"]] for e in data])
+
+
+def time_ago(epoch: float | None) -> str:
+    import time
+
+    if not epoch:
+        return "-"
+    s = max(0.0, time.time() - epoch)
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.0f} h ago"
 
 
 # --------------------------------------------------------------------------- keys
@@ -473,7 +721,9 @@ def keys_revoke(key_id: str, controller: ControllerOpt = DEFAULT_CONTROLLER,
 
 
 def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # No HF_HUB_OFFLINE default here: runners are always offline (runners/base.offline_env), and
+    # an hf:// source is fetched by the worker because a deployment asked for it. An operator's
+    # own HF_HUB_OFFLINE=1 is honoured: such a worker fetches nothing from the Hub.
     app()
 
 

@@ -35,3 +35,17 @@ WORKER_REGISTERED = Gauge("modelfleet_worker_registered", "1 while the last hear
 
 def metrics_response() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+# Model downloads and the model cache (worker/downloads.py). Per-source series exist only
+# while that source downloads.
+WORKER_DOWNLOAD_DONE = Gauge("modelfleet_worker_download_done_bytes", "Bytes on disk of each active download",
+                             ["source"])
+WORKER_DOWNLOAD_SIZE = Gauge("modelfleet_worker_download_size_bytes", "Size of each active download (0: unknown)",
+                             ["source"])
+WORKER_DOWNLOAD_RATE = Gauge("modelfleet_worker_download_rate_bytes_per_second",
+                             "Recent rate of each active download", ["source"])
+WORKER_DOWNLOADED_BYTES = Counter("modelfleet_worker_downloaded_bytes_total", "Bytes received by model downloads")
+WORKER_DOWNLOADS = Counter("modelfleet_worker_downloads_total", "Model downloads ended, by outcome",
+                           ["result"])  # ok, cached, failed, cancelled
+WORKER_MODEL_CACHE_BYTES = Gauge("modelfleet_worker_model_cache_bytes", "Bytes of complete sources in the model cache")
+WORKER_MODEL_CACHE_SOURCES = Gauge("modelfleet_worker_model_cache_sources", "Complete sources in the model cache")

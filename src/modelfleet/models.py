@@ -96,15 +96,39 @@ class GPU(BaseModel):
     memory_free: int = 0  # bytes
 
 
+class DownloadProgress(BaseModel):
+    """A model download on a worker (worker/downloads.py), as its heartbeat reports it."""
+
+    source: Source  # canonical remote source
+    backend: SafeStr | None = Field(default=None, max_length=NAME_MAX_LEN)
+    instances: list[Annotated[SafeStr, Field(max_length=ID_MAX_LEN)]] = Field(default_factory=list, max_length=1000)
+    pulled: bool = False  # started by `modelfleet models pull`
+    state: str = "downloading"  # resolving, downloading, done, failed
+    done: int = 0  # bytes on disk
+    total: int | None = None  # bytes, when the source says
+    files: int = 0
+    rate: float = 0.0  # bytes per second, recent
+    eta_s: float | None = None
+    elapsed_s: float = 0.0
+    error: Annotated[SafeStr | None, _truncate(ERROR_MAX_LEN)] = None
+    path: Source | None = None  # where it lies, once done
+
+
 class Resources(BaseModel):
     cpu_cores: int = 0
     memory_total: int = 0  # bytes
     memory_free: int = 0  # bytes
     gpus: list[GPU] = Field(default_factory=list)
+    # The model cache (worker/modelcache.py): remote sources complete on this worker (canonical
+    # spelling, what placement compares), downloads under way, free bytes where the cache lives.
+    cached_models: list[Source] = Field(default_factory=list, max_length=10_000)
+    downloads: list[DownloadProgress] = Field(default_factory=list, max_length=1000)
+    disk_free: int | None = None
 
 
 class InstanceState(enum.StrEnum):
     PENDING = "pending"
+    DOWNLOADING = "downloading"  # fetching a remote source into the worker's cache
     STARTING = "starting"
     READY = "ready"
     FAILED = "failed"
@@ -208,6 +232,7 @@ class DeploymentFields(BaseModel):
     max_concurrency: int = 4
     placement: Placement = Field(default_factory=Placement)
     weight: int = 100
+    catalog: str | None = None  # the catalog entry that filled it (see DeploymentSpec)
 
 
 class DeploymentSpec(DeploymentFields):
@@ -224,6 +249,9 @@ class DeploymentSpec(DeploymentFields):
     max_concurrency: Concurrency = 4
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     weight: Weight = 100
+    # A catalog entry (modelfleet.catalog) whose source, backend and defaults fill what the
+    # request leaves out; None when the source is given.
+    catalog: Annotated[SafeStr, Field(min_length=1, max_length=NAME_MAX_LEN)] | None = None
 
 
 class Deployment(DeploymentFields):
@@ -232,6 +260,10 @@ class Deployment(DeploymentFields):
     # Why the reconciler cannot act on this deployment (None: fine). Set by the lease holder,
     # cleared by any change of the deployment and by the first pass that succeeds.
     error: str | None = None
+    # Bytes of the model's files for placement, from the hub (asked once, when the deployment is
+    # created), the catalog, or the disk; 0 = unknown (placement assumes a default).
+    model_bytes: int = Field(default=0, ge=0)
+    model_bytes_from: str = ""  # where model_bytes came from, or why it is unknown
 
 
 class Lease(BaseModel):

@@ -37,10 +37,30 @@ def test_vllm_repo_id_is_not_a_path() -> None:
     assert parse_model_flag("l=vllm:/m/llama", "w").source == "/m/llama"
 
 
+def test_remote_sources_are_kept_and_spelled_canonically() -> None:
+    """Remote sources are not paths: the worker downloads them into its cache before starting the runner."""
+    s = parse_model_flag("qwen=llama.cpp:hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m", "w")
+    assert (s.backend, s.source) == ("llama.cpp", "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M@main")
+    e = parse_model_flag("e=sentence-transformers:modelscope://org/minilm@v1", "w")
+    assert e.source == "modelscope://org/minilm@v1"
+    u = parse_model_flag(f"u=llama.cpp:https://host/m.gguf#sha256={'A' * 64}", "w")
+    assert u.source == f"https://host/m.gguf#sha256={'a' * 64}"
+
+
+def test_catalog_names_need_nothing_more() -> None:
+    s = parse_model_flag("qwen2.5-0.5b-instruct", "w")
+    assert (s.model, s.backend, s.source) == ("qwen2.5-0.5b-instruct", "llama.cpp",
+                                              "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M@main")
+    assert s.params == {"n_ctx": 4096}  # the catalog's defaults
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("mystery", "is not a bundled model"),
+        ("mystery", "is neither a bundled model nor in the catalog"),
+        ("x=llama.cpp:hf://org", r"expected hf://ORG/REPO"),
+        ("x=llama.cpp:hf://org/repo:Q4_K_M/file.gguf", "a file or a quantization, not both"),
+        ("x=llama.cpp:ftp://host/m.gguf", "unknown source scheme ftp://"),
         ("x=tensorrt:/m", "unknown backend 'tensorrt'"),
         ("x=llama.cpp", "missing source"),
         ("x=llama.cpp:", "missing source"),

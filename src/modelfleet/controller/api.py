@@ -16,15 +16,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 from fastapi import FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfleet import __version__
 from modelfleet.auth import check_authorization, check_token, new_api_key
+from modelfleet.catalog import load_catalog
 from modelfleet.config import DEFAULT_CONTROLLER_PORT, default_store_url, hostname
 from modelfleet.controller.lease import LEADER_LEASE, LeaderElector
+from modelfleet.controller.models_api import attach_downloads, call_worker, models_router, prepare_deployment
 from modelfleet.controller.reconciler import Reconciler
 from modelfleet.controller.routes import build_route_table
 from modelfleet.errors import ApiError, error_body, install_error_handlers, validation_error
@@ -78,6 +79,8 @@ class ControllerSettings:
     # A drained replica is stopped this long after it stopped getting new requests.
     drain_timeout: float = 30.0
     controller_id: str = ""
+    catalog: str | None = None  # an operator's catalog file, added to the built-in one
+    source_lookup_timeout: float = 5.0  # asking a hub for a new deployment's model size
 
     def __post_init__(self) -> None:
         if not self.controller_id:
@@ -398,6 +401,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
     app.state.controller = ctl
     install_error_handlers(app)
     s = settings
+    catalog = load_catalog(s.catalog)
 
     def admin(request: Request) -> None:
         check_token(request, [s.admin_token], what="admin token")
@@ -477,7 +481,9 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
             ctl.store.list_workers(), ctl.store.list_instances(worker_id=worker_id, model=model)
         )
         alive = alive_worker_ids(workers, s.worker_ttl)
-        return [instance_view(i, i.worker_id in alive if i.worker_id else None) for i in instances]
+        views = [instance_view(i, i.worker_id in alive if i.worker_id else None) for i in instances]
+        attach_downloads(views, workers)
+        return views
 
     @app.get("/v1/cluster/instances")
     async def list_instances(request: Request, worker: str | None = None, model: str | None = None
@@ -496,16 +502,8 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         w = await ctl.store.get_worker(inst.worker_id)
         if w is None:
             raise ApiError(404, f"worker {inst.worker_id} not found")
-        headers = {"authorization": f"Bearer {s.join_token}"} if s.join_token else {}
-        url = f"http://{w.address}:{w.port}/v1/instances/{instance_id}/logs"
-        try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
-                r = await client.get(url, params={"lines": lines}, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ApiError(502, f"worker {w.id} at {w.address}:{w.port} did not answer: {exc}") from exc
-        if r.status_code != 200:
-            raise ApiError(502, f"worker {w.id} answered {r.status_code} for logs")
-        return r.json()
+        return await call_worker(w, "GET", f"/v1/instances/{instance_id}/logs", s.join_token, timeout_s=5.0,
+                                 params={"lines": lines})
 
     @app.post("/v1/cluster/instances/{instance_id:path}/events", status_code=204)
     async def instance_event(instance_id: str, body: InstanceEventIn, request: Request) -> Response:
@@ -565,7 +563,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         admin(request)
         if await ctl.store.get_deployment(body.name) is not None:
             raise ApiError(409, f"deployment {body.name} exists; change it with PATCH or `modelfleet scale`")
-        d = await ctl.store.put_deployment(Deployment(**body.model_dump()))
+        d = await ctl.store.put_deployment(await prepare_deployment(body, catalog, s.source_lookup_timeout))
         log.info("deployment %s created (%s, %d replicas)", d.name, d.backend, d.replicas)
         return d.model_dump()
 
@@ -623,6 +621,8 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
             "this_controller": s.controller_id,
             "this_is_leader": ctl.elector.is_leader,
         }
+
+    app.include_router(models_router(ctl, catalog, s.join_token, admin, cluster_read))
 
     # -- api keys -------------------------------------------------------------------------
     @app.post("/v1/cluster/keys", status_code=201)

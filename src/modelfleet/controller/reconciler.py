@@ -107,7 +107,8 @@ def new_replica(d: Deployment) -> InstanceSpec:
 def extra_order(i: Instance) -> tuple[int, str]:
     """Which replicas go first on scale-down: unplaced, failed, starting, then ready (newest id last)."""
     rank = {None: 0}.get(i.worker_id, 1)
-    state_rank = {InstanceState.FAILED: 1, InstanceState.PENDING: 2, InstanceState.STARTING: 3}.get(i.state, 4)
+    state_rank = {InstanceState.FAILED: 1, InstanceState.PENDING: 2, InstanceState.DOWNLOADING: 3,
+                  InstanceState.STARTING: 3}.get(i.state, 4)
     return (rank * 10 + state_rank, i.id)
 
 

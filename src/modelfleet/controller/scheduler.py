@@ -4,6 +4,11 @@ Capacity is computed from each worker's *totals* minus the needs of the instance
 has assigned to it, never from its "free" numbers, which already subtract what its running
 instances hold: that way nothing is counted twice while an instance is starting, running or
 coming back with a worker that was thought dead.
+
+Remote sources (hf://, modelscope://, https://): among the workers that fit, a worker that
+holds the source in its model cache (``resources.cached_models``) comes first after the
+policy's own spreading, so a replacement replica starts from the cache instead of a fresh
+download; a worker that does not hold it must have the disk space to download it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 
 from modelfleet.bundled import BUNDLED, BundledModelMissing
 from modelfleet.models import Deployment, Instance, Placement, WorkerRecord
+from modelfleet.sources import canonical_source, is_remote
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -31,6 +37,8 @@ class Need:
     cpu: float = 0.0
     gpus: int = 0
     gpu_memory: int = 0  # bytes per GPU
+    model: str | None = None  # canonical remote source: placement prefers workers that hold it
+    download: int = 0  # bytes to download where it is not held
 
 
 @dataclass
@@ -43,6 +51,11 @@ class Capacity:
     cpu: float
     gpu_memory: dict[int, int] = field(default_factory=dict)  # gpu index -> bytes left
     replicas_of: dict[str, int] = field(default_factory=dict)  # deployment -> replicas here
+    cached: frozenset[str] = frozenset()  # remote sources in its model cache
+    disk_free: int | None = None  # bytes free for the model cache; None = not reported
+
+    def holds(self, need: Need) -> bool:
+        return need.model is not None and need.model in self.cached
 
 
 @dataclass(frozen=True)
@@ -78,16 +91,21 @@ def model_bytes(backend: str, source: str) -> int:
         return DEFAULT_MODEL_BYTES
 
 
-def replica_need(backend: str, source: str, placement: Placement) -> Need:
-    """Declared needs win; otherwise estimate from the model's size."""
+def replica_need(backend: str, source: str, placement: Placement, remote_bytes: int = 0) -> Need:
+    """Declared needs win; otherwise estimate from the model's size (for a remote source,
+    ``remote_bytes`` as the hub or catalog told the controller, else the default)."""
     if backend == "openai":  # an attached server uses nothing on the worker
         return Need()
-    size = model_bytes(backend, source)
+    remote = is_remote(source)
+    size = (remote_bytes or DEFAULT_MODEL_BYTES) if remote else model_bytes(backend, source)
+    model = canonical_source(source) if remote else None
+    download = remote_bytes if remote else 0  # unknown size: no disk check
     if placement.gpus > 0:
         gpu_mem = placement.gpu_memory or int(size * GPU_MEMORY_FACTOR + GPU_MEMORY_OVERHEAD)
         return Need(memory=placement.memory or MEMORY_OVERHEAD, cpu=placement.cpu, gpus=placement.gpus,
-                    gpu_memory=gpu_mem)
-    return Need(memory=placement.memory or int(size * MEMORY_FACTOR + MEMORY_OVERHEAD), cpu=placement.cpu)
+                    gpu_memory=gpu_mem, model=model, download=download)
+    return Need(memory=placement.memory or int(size * MEMORY_FACTOR + MEMORY_OVERHEAD), cpu=placement.cpu,
+                model=model, download=download)
 
 
 def capacities(
@@ -103,6 +121,7 @@ def capacities(
         cap = Capacity(
             worker_id=w.id, labels=dict(w.labels), memory=w.resources.memory_total, cpu=float(w.resources.cpu_cores),
             gpu_memory={g.index: g.memory_total for g in w.resources.gpus},
+            cached=frozenset(w.resources.cached_models), disk_free=w.resources.disk_free,
         )
         for inst in instances:
             if inst.worker_id != w.id:
@@ -144,6 +163,9 @@ def why_not(cap: Capacity, need: Need, labels: dict[str, str]) -> str | None:
         return f"needs {need.memory / GiB:.1f} GiB RAM, {max(cap.memory, 0) / GiB:.1f} GiB left"
     if need.cpu > cap.cpu:
         return f"needs {need.cpu:g} CPU, {max(cap.cpu, 0):g} left"
+    if need.download and not cap.holds(need) and cap.disk_free is not None and need.download > cap.disk_free:
+        return (f"needs {need.download / GiB:.1f} GiB of disk to download {need.model}, "
+                f"{cap.disk_free / GiB:.1f} GiB free")
     return None
 
 
@@ -152,8 +174,9 @@ def place_replica(deployment: str, need: Need, placement: Placement, caps: list[
 
     spread (default): fewest replicas of this deployment first, then most memory left, so
     replicas land on different machines. binpack: most replicas of it / least room left
-    first, filling one machine before the next. Ties break on worker id, so the result is
-    deterministic."""
+    first, filling one machine before the next. Right after the policy's replica count, a
+    worker that holds the model in its cache wins over one that would download it. Ties
+    break on worker id, so the result is deterministic."""
     if not caps:
         return Unplaced("no alive worker")
     fits: list[Capacity] = []
@@ -172,9 +195,9 @@ def place_replica(deployment: str, need: Need, placement: Placement, caps: list[
         return (sum(c.gpu_memory.values()) if need.gpus else c.memory) / GiB
 
     if placement.policy == "binpack":
-        best = min(fits, key=lambda c: (-c.replicas_of.get(deployment, 0), room(c), c.worker_id))
+        best = min(fits, key=lambda c: (-c.replicas_of.get(deployment, 0), not c.holds(need), room(c), c.worker_id))
     else:
-        best = min(fits, key=lambda c: (c.replicas_of.get(deployment, 0), -room(c), c.worker_id))
+        best = min(fits, key=lambda c: (c.replicas_of.get(deployment, 0), not c.holds(need), -room(c), c.worker_id))
     gpus = fitting_gpus(best, need) if need.gpus else ()
     return Placed(best.worker_id, gpus or ())
 
@@ -189,4 +212,4 @@ def commit(cap: Capacity, deployment: str, need: Need, gpus: tuple[int, ...]) ->
 
 
 def deployment_need(d: Deployment) -> Need:
-    return replica_need(d.backend, d.source, d.placement)
+    return replica_need(d.backend, d.source, d.placement, d.model_bytes)

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Query, Request, Response
+from pydantic import BaseModel, Field
 
 from modelfleet import __version__
 from modelfleet.auth import check_token
@@ -32,7 +33,9 @@ from modelfleet.metrics import (
     WORKER_REGISTERED,
     metrics_response,
 )
-from modelfleet.models import InstanceSpec, WorkerInfo
+from modelfleet.models import InstanceSpec, InstanceState, WorkerInfo
+from modelfleet.sources import SourceError, canonical_source, is_remote, parse_source
+from modelfleet.worker.downloads import DownloadManager, FetchFailed
 from modelfleet.worker.modelspec import parse_model_flag
 from modelfleet.worker.resources import collect_resources
 from modelfleet.worker.supervisor import Supervisor
@@ -55,12 +58,24 @@ class WorkerSettings:
     runner_port_start: int = DEFAULT_RUNNER_PORT_START
     startup_timeout: float = 600.0
     log_dir: Path | None = None
+    models_dir: Path | None = None  # the model cache (remote sources), shared by workers on one machine
 
     def __post_init__(self) -> None:
         if not self.name:
             self.name = f"{hostname()}-{self.port}"
         if self.log_dir is None:
             self.log_dir = modelfleet_home() / "logs" / self.name
+        if self.models_dir is None:
+            self.models_dir = modelfleet_home() / "models"
+
+
+class PullIn(BaseModel):
+    source: str = Field(min_length=1, max_length=2000)
+    backend: str | None = Field(default=None, max_length=64)
+
+
+class PruneIn(BaseModel):
+    source: str | None = Field(default=None, max_length=2000)  # only this one; None: every unused one
 
 
 def next_controller_index(current: int, count: int) -> int:
@@ -73,13 +88,15 @@ class WorkerAgent:
         if not settings.controllers:
             raise ValueError("a worker needs at least one controller (--controller)")
         self.s = settings
-        assert settings.log_dir is not None
+        assert settings.log_dir is not None and settings.models_dir is not None
+        self.downloads = DownloadManager(settings.models_dir, settings.log_dir)
         self.supervisor = Supervisor(
             bind_host=settings.host,
             advertise_host=settings.address,
             port_start=settings.runner_port_start,
             log_dir=settings.log_dir,
             startup_timeout=settings.startup_timeout,
+            fetcher=self._fetch,
         )
         self.declared: list[InstanceSpec] = [parse_model_flag(m, settings.name) for m in settings.models]
         self.assigned: list[InstanceSpec] = []
@@ -95,12 +112,25 @@ class WorkerAgent:
     def controller(self) -> str:
         return self.s.controllers[self.controller_index]
 
+    async def _fetch(self, spec: InstanceSpec) -> str:
+        path = await self.downloads.fetch(spec.source, spec.backend, spec.id)
+        self.downloads.cache.touch(canonical_source(spec.source))
+        return path
+
     def worker_info(self) -> WorkerInfo:
+        resources = collect_resources(self.supervisor.held_resources())
+        resources.cached_models = self.downloads.held()
+        resources.downloads = self.downloads.progress()
+        resources.disk_free = self.downloads.disk_free()
         return WorkerInfo(
             id=self.s.name, name=self.s.name, address=self.s.address, port=self.s.port,
-            labels=self.s.labels, resources=collect_resources(self.supervisor.held_resources()),
-            version=__version__,
+            labels=self.s.labels, resources=resources, version=__version__,
         )
+
+    def sources_in_use(self) -> set[str]:
+        """Remote sources of the instances on this worker (pruning keeps them)."""
+        return {canonical_source(st.source) for st in self.supervisor.statuses()
+                if st.source and is_remote(st.source) and st.state != InstanceState.STOPPED}
 
     async def start(self) -> None:
         await self.supervisor.apply(self.declared)
@@ -114,6 +144,7 @@ class WorkerAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.supervisor.stop_all()
+        await self.downloads.stop_all()
         await self._client.aclose()
 
     async def heartbeat_loop(self) -> None:
@@ -237,6 +268,41 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         if instance_id not in {st.id for st in agent.supervisor.statuses()}:
             raise ApiError(404, f"instance {instance_id} is not on worker {settings.name}")
         return {"id": instance_id, "worker": settings.name, "lines": agent.supervisor.logs(instance_id, lines)}
+
+    # -- the model cache: `modelfleet models pull` and `modelfleet cache`, through the controller
+    @app.post("/v1/models/pull", status_code=202)
+    async def pull(body: PullIn, request: Request) -> dict[str, Any]:
+        cluster_auth(request)
+        try:
+            if parse_source(body.source) is None:
+                raise ApiError(400, f"{body.source!r} is not a remote source (hf://, modelscope://, https://)",
+                               param="source")
+            d = agent.downloads.pull(body.source, body.backend)
+        except (SourceError, FetchFailed) as exc:
+            raise ApiError(400, str(exc), param="source") from None
+        return {"worker": settings.name, "download": d.view().model_dump()}
+
+    @app.get("/v1/models/downloads")
+    async def downloads(request: Request) -> dict[str, Any]:
+        cluster_auth(request)
+        return {"worker": settings.name, "data": [d.model_dump() for d in agent.downloads.recent()]}
+
+    @app.get("/v1/models/cache")
+    async def cache(request: Request) -> dict[str, Any]:
+        cluster_auth(request)
+        entries = await asyncio.to_thread(agent.downloads.entries, agent.sources_in_use())
+        return {"worker": settings.name, "dir": str(settings.models_dir), "disk_free": agent.downloads.disk_free(),
+                "data": entries, "downloads": [d.model_dump() for d in agent.downloads.progress()]}
+
+    @app.post("/v1/models/cache/prune")
+    async def prune(body: PruneIn, request: Request) -> dict[str, Any]:
+        cluster_auth(request)
+        only = canonical_source(body.source) if body.source else None
+        in_use = agent.sources_in_use()
+        if only is not None and only in in_use:
+            raise ApiError(409, f"{only} is in use by an instance on worker {settings.name}; undeploy it first")
+        result = await agent.downloads.prune(in_use, only)
+        return {"worker": settings.name, **result}
 
     return app
 

@@ -9,6 +9,8 @@ Examples::
     --model tiny=transformers:~/models/tiny-llama
     --model llama3=vllm:meta-llama/Meta-Llama-3-8B-Instruct
     --model remote=openai:http://10.0.0.7:8000/v1      # attach: no process
+    --model qwen=llama.cpp:hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M   # downloaded into the cache
+    --model qwen2.5-0.5b-instruct                       # a catalog entry (modelfleet.catalog)
 
 The value is split on the first ``=`` (name, rest) and the rest on the first ``:``
 (backend, source): backend names never contain ``:``, while a URL source does.
@@ -23,7 +25,9 @@ import re
 from pathlib import Path
 
 from modelfleet.bundled import BUNDLED
+from modelfleet.catalog import CatalogError, load_catalog
 from modelfleet.models import InstanceSpec
+from modelfleet.sources import SourceError, canonical_source, parse_source
 
 # Same rule as Deployment.name, so a declared model can also be deployed under its name.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -47,13 +51,22 @@ def parse_model_flag(value: str, worker_id: str) -> InstanceSpec:
             "(letters, digits and . _ : / -, starting with a letter or digit)"
         )
     bundled = BUNDLED.get(name)
+    params: dict[str, object] = {}
     if not sep:
-        if bundled is None:
-            raise ValueError(
-                f"--model {value!r}: {name!r} is not a bundled model ({', '.join(sorted(BUNDLED))}); "
-                f"give it as {name}=BACKEND:SOURCE with BACKEND one of {', '.join(KNOWN_BACKENDS)}"
-            )
-        backend, source = bundled.backend, bundled.name
+        if bundled is not None:
+            backend, source = bundled.backend, bundled.name
+        else:
+            try:
+                entry = load_catalog().get(name)
+            except CatalogError as exc:
+                raise ValueError(f"--model {value!r}: {exc}") from None
+            if entry is None:
+                raise ValueError(
+                    f"--model {value!r}: {name!r} is neither a bundled model nor in the catalog "
+                    f"(`modelfleet catalog` lists them); give it as {name}=BACKEND:SOURCE with BACKEND one of "
+                    f"{', '.join(KNOWN_BACKENDS)}"
+                )
+            backend, source, params = entry.backend, canonical_source(entry.source), dict(entry.params)
     else:
         backend, _, source = rest.partition(":")
         backend, source = backend.strip(), source.strip()
@@ -71,6 +84,13 @@ def parse_model_flag(value: str, worker_id: str) -> InstanceSpec:
             if not re.match(r"^https?://", source):
                 raise ValueError(f"--model {value!r}: backend openai needs an http(s) URL, got {source!r}")
             source = source.rstrip("/")
+        elif "://" in source:
+            try:
+                remote = parse_source(source)
+            except SourceError as exc:
+                raise ValueError(f"--model {value!r}: {exc}") from None
+            assert remote is not None
+            source = remote.canonical  # downloaded into the worker's model cache before the runner starts
         elif backend in _PATH_BACKENDS and source not in BUNDLED:
             source = os.path.abspath(os.path.expanduser(source))
         elif backend == "vllm" and (source.startswith(("/", ".", "~"))):
@@ -86,4 +106,5 @@ def parse_model_flag(value: str, worker_id: str) -> InstanceSpec:
         worker_id=worker_id,
         backend=backend,
         source=source,
+        params=params,
     )

@@ -18,6 +18,11 @@ machine match, in background tasks, and reports what it observes (``statuses``,
 - Problems no restart can fix (unknown backend, missing package, missing model path, bad
   parameter) fail the instance at once with that message; nothing is started, and the
   check is repeated every ``backoff_max`` seconds (a late mount or an install heals it).
+- A remote source (hf://, modelscope://, https://) is fetched first, through ``fetcher``
+  (the worker's DownloadManager): state ``downloading`` until the files are in the cache,
+  then the runner starts on the local copy. A failed download (not found, no access,
+  checksum, disk full, network) fails the instance with the reason and is tried again every
+  ``backoff_max`` seconds, like a config error; the partial file is resumed.
 - Stop: SIGTERM to the runner's process group, SIGKILL after ``stop_grace``.
 - Nothing raises out of the Supervisor's background work: every failure ends as a
   failed instance.
@@ -39,6 +44,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +54,11 @@ import httpx
 from modelfleet.config import private_dir
 from modelfleet.models import InstanceSpec, InstanceState, InstanceStatus
 from modelfleet.procutil import with_parent_death_signal
+from modelfleet.sources import is_remote
 from modelfleet.worker.runners import ATTACHED, Launch, LaunchError, prepare_launch
+
+# spec -> local path of its remote source (raises with the reason when it cannot be had).
+Fetcher = Callable[[InstanceSpec], Awaitable[str]]
 
 log = logging.getLogger("modelfleet.worker")
 
@@ -121,6 +131,7 @@ class _Managed:
     predecessor: asyncio.Task[None] | None = None  # stop of the instance this one replaces
     ready_since: float | None = None
     restart_delays: list[float] = field(default_factory=list)
+    local_source: str | None = None  # where a remote source lies once fetched
 
     @property
     def drained(self) -> bool:
@@ -147,8 +158,10 @@ class Supervisor:
         health_interval: float = 5.0,
         health_failures: int = 3,
         probe_timeout: float = 5.0,
+        fetcher: Fetcher | None = None,
     ) -> None:
         self.bind_host = bind_host
+        self.fetcher = fetcher
         self.advertise_host = advertise_host
         self.port_start = port_start
         self.log_dir = Path(log_dir)
@@ -424,12 +437,43 @@ class Supervisor:
         host = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
         return f"http://{host}:{port}"
 
+    async def _fetch(self, m: _Managed) -> str | None:
+        """The local copy of a remote source (downloading it if needed), or None after a
+        failure, which the instance reports until the next try."""
+        if self.fetcher is None:
+            self._fail(m, f"remote source {m.spec.source} needs a model cache (this Supervisor has no fetcher)")
+            return None
+        self._set(m, state=InstanceState.DOWNLOADING, last_error=None, endpoint=None)
+        self._note(m, f"fetching {m.spec.source} into the model cache")
+        try:
+            path = await self.fetcher(m.spec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = f"download failed: {exc}; trying again in {_fmt_seconds(self.backoff_max)} s"
+            self._note(m, reason)
+            self._fail(m, reason)
+            return None
+        self._note(m, f"{m.spec.source} is at {path}")
+        return path
+
+    def _note(self, m: _Managed, text: str) -> None:
+        """A line about the instance in its log (what `modelfleet instances --logs` shows)."""
+        with contextlib.suppress(OSError), m.log_path.open("ab") as f:
+            f.write(f"{_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n".encode())
+
     async def _run_process(self, m: _Managed) -> None:
         backoff = self.backoff_initial
         while True:
+            if m.local_source is None and is_remote(m.spec.source):
+                m.local_source = await self._fetch(m)
+                if m.local_source is None:
+                    await asyncio.sleep(self.backoff_max)
+                    continue
+            spec = m.spec if m.local_source is None else m.spec.model_copy(update={"source": m.local_source})
             try:
                 port = self._pick_port(m)
-                launch = prepare_launch(m.spec, self.bind_host, port)
+                launch = prepare_launch(spec, self.bind_host, port)
             except LaunchError as exc:
                 # No restart can fix this, but the world can (a mount appears, a package is
                 # installed): check again now and then, quietly, without starting anything.
