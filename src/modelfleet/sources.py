@@ -307,12 +307,12 @@ def select_files(src: RemoteSource, files: list[RemoteFile], backend: str | None
     names = [f.path for f in files]
     has_safetensors = any(n.endswith(".safetensors") for n in names)
     skip = SNAPSHOT_SKIP + (PICKLE_WEIGHTS if has_safetensors else ())
-    chosen = [f for f in files if not any(fnmatch.fnmatch(f.path, pat) for pat in skip)]
-    if not chosen:
-        raise SourceError(f"{where} has no files a {backend or 'model'} runner can load")
     if backend in ("transformers", "sentence-transformers", "vllm") and "config.json" not in names:
         raise SourceError(f"{where} has no config.json: backend {backend} needs a Hugging Face model repository "
                           "(for a GGUF repository use backend llama.cpp)")
+    chosen = [f for f in files if not any(fnmatch.fnmatch(f.path, pat) for pat in skip)]
+    if not chosen:
+        raise SourceError(f"{where} has no files a {backend or 'model'} runner can load")
     return sorted(chosen, key=lambda f: f.path), ""
 
 

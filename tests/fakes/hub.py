@@ -37,7 +37,7 @@ import ssl
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,11 @@ class Blob:
     sha256: str
     git_sha1: str
     corrupt: bool = False  # serve it with one byte changed (a mirror gone bad)
+    listed: int | None = None  # the size the listing claims, when it is not the real one
+
+    @property
+    def listed_size(self) -> int:
+        return self.size if self.listed is None else self.listed
 
 
 @dataclass
@@ -118,20 +123,20 @@ class FakeHub:
         return f"http://127.0.0.1:{self.port}"
 
     def add_hf(self, repo: str, files: dict[str, Path], *, gated: bool = False, private: bool = False,
-               corrupt: tuple[str, ...] = ()) -> Repo:
-        return self._add("hf", repo, files, gated, private, corrupt)
+               corrupt: tuple[str, ...] = (), sizes: dict[str, int] | None = None) -> Repo:
+        return self._add("hf", repo, files, gated, private, corrupt, sizes or {})
 
     def add_modelscope(self, repo: str, files: dict[str, Path], *, private: bool = False,
-                       corrupt: tuple[str, ...] = ()) -> Repo:
-        return self._add("modelscope", repo, files, False, private, corrupt)
+                       corrupt: tuple[str, ...] = (), sizes: dict[str, int] | None = None) -> Repo:
+        return self._add("modelscope", repo, files, False, private, corrupt, sizes or {})
 
     def add_file(self, name: str, path: Path) -> Blob:
         self.plain[name] = cached_blob(path)
         return self.plain[name]
 
     def _add(self, scheme: str, repo: str, files: dict[str, Path], gated: bool, private: bool,
-             corrupt: tuple[str, ...]) -> Repo:
-        blobs = {p: cached_blob(f, p in corrupt) for p, f in files.items()}
+             corrupt: tuple[str, ...], sizes: dict[str, int]) -> Repo:
+        blobs = {p: replace(cached_blob(f, p in corrupt), listed=sizes.get(p)) for p, f in files.items()}
         commit = hashlib.sha1(f"{scheme}:{repo}:{sorted(b.sha256 for b in blobs.values())}".encode()).hexdigest()
         r = Repo(scheme=scheme, name=repo, files=blobs, commit=commit, gated=gated, private=private)
         self.repos[(scheme, repo)] = r
@@ -277,10 +282,10 @@ class FakeHub:
         for path, b in sorted(repo.files.items()):
             s: dict[str, Any] = {"rfilename": path}
             if request.query.get("blobs") in ("true", "True", "1"):
-                s["size"] = b.size
+                s["size"] = b.listed_size
                 s["blobId"] = b.git_sha1
                 if b.size > LFS_THRESHOLD:
-                    s["lfs"] = {"size": b.size, "sha256": b.sha256, "pointerSize": 134}
+                    s["lfs"] = {"size": b.listed_size, "sha256": b.sha256, "pointerSize": 134}
             siblings.append(s)
         return web.json_response({"_id": repo.commit[:24], "id": repo.name, "modelId": repo.name, "sha": repo.commit,
                                   "private": repo.private, "gated": "manual" if repo.gated else False,
@@ -336,7 +341,7 @@ class FakeHub:
             return self._ms_error(404, "model not found")
         if repo.private and not self._authorized(request):
             return self._ms_error(401, "no permission to access this model, please login")
-        files = [{"Name": Path(p).name, "Path": p, "Type": "blob", "Size": b.size, "Sha256": b.sha256,
+        files = [{"Name": Path(p).name, "Path": p, "Type": "blob", "Size": b.listed_size, "Sha256": b.sha256,
                   "Revision": repo.commit, "IsLFS": b.size > LFS_THRESHOLD}
                  for p, b in sorted(repo.files.items())]
         return web.json_response({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
