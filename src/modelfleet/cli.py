@@ -376,7 +376,8 @@ def deploy(
         except SourceError as exc:
             fail(str(exc))
         backend = backend or infer_backend(model)
-        if backend is None and not catalog:
+        if backend is None and not catalog and not model.startswith(("hf://", "modelscope://")):
+            # A hub repository's files tell the controller which backend it needs; a path does not.
             fail(f"which backend runs {model}? give --backend (llama.cpp, sentence-transformers, transformers, vllm, "
                  "openai)")
     elif quant:

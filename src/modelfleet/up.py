@@ -131,7 +131,9 @@ def run_up(s: UpSettings) -> int:
     logs = home / "logs"
     private_dir(home)
     private_dir(logs)
-    env = {**os.environ, "MODELFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # No HF_HUB_OFFLINE here: the bundled models download nothing and runners are always offline;
+    # a model deployed later from hf:// is fetched because it was asked for (docs/models.md).
+    env = {**os.environ, "MODELFLEET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     for k in ("MODELFLEET_ADMIN_TOKEN", "MODELFLEET_JOIN_TOKEN", "MODELFLEET_ADMIN_TOKEN_FILE",
               "MODELFLEET_JOIN_TOKEN_FILE", "MODELFLEET_CONTROLLER", "MODELFLEET_PORT", "MODELFLEET_HOST",
               "MODELFLEET_STORE"):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
 import ssl
 import threading
@@ -143,6 +144,16 @@ class FakeHub:
         for p, b in blobs.items():
             self.cdn_blobs[f"{scheme}:{repo}/{p}"] = b
         return r
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a worker (or fetch process) that uses this hub: endpoints, the TLS
+        certificate, no HF_HUB_OFFLINE, no token, no stored login (a private HF_HOME)."""
+        drop = ("HF_HUB_OFFLINE", "HF_TOKEN", "MODELSCOPE_API_TOKEN")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env.update({"HF_ENDPOINT": self.endpoint, "MODELSCOPE_ENDPOINT": self.endpoint, "HF_HUB_OFFLINE": "0"})
+        if self.cert is not None:
+            env.update({"SSL_CERT_FILE": str(self.cert[0]), "HF_HOME": str(self.cert[0].parent / "hf-home")})
+        return {**env, **extra}
 
     def served(self, key: str) -> Served:
         with self._lock:

@@ -3,9 +3,7 @@ the bundled models' real files, and the environment a worker needs to reach it."
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,8 +25,4 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
 
 def hub_env(hub: FakeHub, **extra: str) -> dict[str, str]:
     """What a worker (or fetch process) needs to use the fake hub; no HF_HUB_OFFLINE, no token."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "MODELSCOPE_API_TOKEN")}
-    assert hub.cert is not None
-    env.update({"HF_ENDPOINT": hub.endpoint, "MODELSCOPE_ENDPOINT": hub.endpoint, "SSL_CERT_FILE": str(hub.cert[0]),
-                "HF_HUB_OFFLINE": "0", "HF_HOME": str(Path(hub.cert[0]).parent / "hf-home"), **extra})
-    return env
+    return hub.client_env(**extra)

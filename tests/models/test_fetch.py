@@ -171,15 +171,15 @@ def test_a_snapshot_and_a_cache_listing_and_prune(hub: FakeHub, tmp_path: Path) 
     assert cache.held() == [] and not folder.exists()
 
 
-async def test_two_instances_share_one_download_and_the_last_to_leave_stops_it(hub: FakeHub, tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_two_instances_share_one_download_and_the_last_to_leave_stops_it(
+        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in hub_env(hub).items():
         monkeypatch.setenv(k, v)
     hub.add_hf("org/shared", {"smol.gguf": GGUF})
     mgr = DownloadManager(tmp_path / "models", tmp_path / "logs")
     source = "hf://org/shared/smol.gguf"
     paths = await asyncio.gather(mgr.fetch(source, "llama.cpp", "i1"), mgr.fetch(source, "llama.cpp", "i2"))
-    assert paths[0] == paths[1] and Path(paths[0]).stat().st_size == SIZE
+    assert paths[0] == paths[1] and sha256_of(Path(paths[0])) == GGUF_SHA
     assert hub.downloads("hf:org/shared/smol.gguf") == 1
     assert mgr.held() == ["hf://org/shared/smol.gguf@main"]
 

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from tests.conftest import IN_CI, free_port
+from tests.fakes.hub import FakeHub, self_signed_cert
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -109,13 +110,21 @@ def _still_running(procs: list[psutil.Process]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpCluster]:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    """A fake Hugging Face Hub the cluster's worker downloads from (the deploy form's test)."""
+    h = FakeHub(cert=self_signed_cert(tmp_path_factory.mktemp("tls"))).start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[UpCluster]:
     """`python -m modelfleet.cli up` on free ports; READY on stdout; SIGINT at the end, after
     which neither it nor anything it started may be left."""
     home = tmp_path_factory.mktemp("up-home")
     gw, ctl, wk = free_port(), free_port(), free_port()
     runners = free_port_range(10)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env = hub.client_env(PYTHONUNBUFFERED="1")
     for k in [k for k in env if k.startswith("MODELFLEET_")]:
         env.pop(k)
     popen = subprocess.Popen(

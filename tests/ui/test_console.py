@@ -273,3 +273,60 @@ def test_overview_charts_request_counters(page, shot) -> None:
     titles = page.locator("#overview-traffic svg title").all_text_contents()
     assert sum(int(t.split(": ")[1].split(" ")[0]) for t in titles) >= 5, titles
     shot(page, "overview")
+
+
+def test_deploy_form_downloads_a_model_and_brings_it_up(page, cluster: UpCluster, hub, shot) -> None:
+    """The models page's deploy form: a catalog entry fills it; an ambiguous repository is
+    refused with the API's message; a hub source deploys, its download shows as a progress bar
+    on the instance, and the instance comes up ready."""
+    from modelfleet.bundled import BUNDLED
+
+    gguf = BUNDLED[CHAT_MODEL].path()
+    hub.add_hf("org/multi-GGUF", {"m-q4_1.gguf": gguf, "m-q8_0.gguf": gguf})
+    hub.add_hf("org/tiny-GGUF", {"tiny.gguf": gguf})
+    page.goto("/#/models")
+    page.click("#deploy-panel summary")
+    page.locator('#deploy-catalog option[value="qwen2.5-0.5b-instruct"]').wait_for(state="attached")
+    page.select_option("#deploy-catalog", "qwen2.5-0.5b-instruct")
+    assert page.input_value("#deploy-name") == "qwen2.5-0.5b-instruct"
+    assert page.input_value("#deploy-source") == "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"
+    assert page.input_value("#deploy-backend") == "llama.cpp"
+    assert "469 MiB to download, 1.0 GiB RAM per replica" in page.locator("#deploy-about").inner_text()
+    shot(page, "deploy-form")
+
+    page.select_option("#deploy-catalog", "")
+    page.fill("#deploy-name", "from-hub")
+    page.fill("#deploy-source", "hf://org/multi-GGUF")
+    page.select_option("#deploy-backend", "llama.cpp")
+    page.click("#deploy-submit")
+    error = page.locator("#deploy-error")
+    page.wait_for_function("() => document.querySelector('#deploy-error').textContent.includes('GGUF files')")
+    assert error.inner_text().startswith("400 hf://org/multi-GGUF@main has 2 GGUF files: m-q4_1.gguf")
+
+    page.fill("#deploy-source", "hf://org/tiny-GGUF/tiny.gguf")
+    page.fill("#deploy-labels", "")
+    hub.throttle = 8e6  # ~12 s: long enough to watch the progress bar move
+    try:
+        page.click("#deploy-submit")
+        page.locator(".toast").filter(has_text="from-hub deployed").wait_for()
+        bar = page.locator('section.model[data-model="from-hub"] .download')
+        bar.wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => Number(document.querySelector('section.model[data-model=\"from-hub\"] .download')"
+            "?.dataset.done) > 0")
+        first = int(bar.get_attribute("data-done"))
+        assert "% of 93.8 MiB" in bar.inner_text()
+        assert page.locator('section.model[data-model="from-hub"] .state').inner_text() == "downloading"
+        page.wait_for_function(
+            "first => Number(document.querySelector('section.model[data-model=\"from-hub\"] .download')"
+            "?.dataset.done) > first", arg=first)  # it moves
+        shot(page, "deploy-download")
+    finally:
+        hub.throttle = None
+    page.wait_for_function(
+        "() => document.querySelector('section.model[data-model=\"from-hub\"] .state')?.textContent === 'ready'",
+        timeout=120_000)
+    assert hub.downloads("hf:org/tiny-GGUF/tiny.gguf") == 1
+    page.goto("/#/workers")
+    cache = page.locator('section.worker[data-worker="local"]')
+    cache.get_by_text("hf://org/tiny-GGUF/tiny.gguf@main").wait_for()

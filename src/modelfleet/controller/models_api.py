@@ -26,7 +26,7 @@ from modelfleet.catalog import CatalogEntry
 from modelfleet.errors import ApiError
 from modelfleet.hubs import FetchError, plan_source
 from modelfleet.models import Deployment, DeploymentSpec, WorkerRecord
-from modelfleet.sources import SourceError, parse_source
+from modelfleet.sources import Plan, SourceError, parse_source
 
 log = logging.getLogger("modelfleet.controller")
 
@@ -63,10 +63,23 @@ def apply_catalog(body: DeploymentSpec, catalog: dict[str, CatalogEntry]) -> tup
     return body.model_copy(update=update), entry
 
 
+def infer_backend(plan: Plan) -> str:
+    """The backend a repository's files call for, when the deployment names none: one GGUF is
+    llama.cpp's; a sentence-transformers folder (modules.json) is embeddings; else a causal LM."""
+    names = {f.path for f in plan.files}
+    if plan.model_path.lower().endswith(".gguf"):
+        return "llama.cpp"
+    if names & {"modules.json", "config_sentence_transformers.json"}:
+        return "sentence-transformers"
+    return "transformers"
+
+
 async def prepare_deployment(body: DeploymentSpec, catalog: dict[str, CatalogEntry], lookup_timeout: float
                              ) -> Deployment:
     """The deployment to store for a create request (see the module docstring). Raises ApiError."""
+    backend_given = "backend" in body.model_fields_set
     body, entry = apply_catalog(body, catalog)
+    backend_given = backend_given or entry is not None
     if not body.source:
         raise ApiError(400, "a deployment needs a source (a path, a bundled name, hf://, modelscope://, https://) "
                             "or a catalog entry", param="source")
@@ -82,8 +95,9 @@ async def prepare_deployment(body: DeploymentSpec, catalog: dict[str, CatalogEnt
     d.source = src.canonical
     fallback, why = (entry.size, "catalog") if entry is not None and entry.size else (0, "")
     try:
-        plan = await asyncio.wait_for(asyncio.to_thread(plan_source, src, d.backend, lookup_timeout),
-                                      lookup_timeout + 2)
+        plan = await asyncio.wait_for(
+            asyncio.to_thread(plan_source, src, d.backend if backend_given else None, lookup_timeout),
+            lookup_timeout + 2)
     except FetchError as exc:
         if exc.kind == "ambiguous":
             raise ApiError(400, str(exc), param="source", code="ambiguous_source") from None
@@ -91,6 +105,8 @@ async def prepare_deployment(body: DeploymentSpec, catalog: dict[str, CatalogEnt
     except TimeoutError:
         reason = f"the hub did not answer within {lookup_timeout:g} s"
     else:
+        if not backend_given:
+            d.backend = infer_backend(plan)
         if plan.total is not None:
             d.model_bytes = plan.total
             d.model_bytes_from = (f"hub: {len(plan.files)} file(s), {_human(plan.total)}"

@@ -1,6 +1,8 @@
 // Tiny DOM helpers. Every page builds its elements with h(); text always goes in as text
 // (never as HTML), so whatever the cluster reports cannot inject markup.
 
+import { bytes, seconds } from "./format.js";
+
 /**
  * h("div", {class: "card", onclick: fn}, "text", child, [more, children])
  * Attributes: "class", "text", "on<event>" (listener), "dataset" ({key: value}),
@@ -76,3 +78,15 @@ export function meter(label, used, total, format) {
       h("span", { class: "muted" }, total > 0 ? `${format(used)} / ${format(total)} (${pct.toFixed(0)}%)` : "unknown")),
     h("div", { class: "bar" }, h("div", { class: `fill ${kind}`.trim(), style: `width:${pct.toFixed(1)}%` })));
 }
+
+/** A download's progress: bar, bytes, rate and time left. */
+export function downloadBar(d) {
+  if (d.state === "resolving") return h("div", { class: "download muted" }, "asking the hub…");
+  const pct = d.total ? Math.min(100, (100 * d.done) / d.total) : 0;
+  const parts = [d.total ? `${pct.toFixed(0)}% of ${bytes(d.total)}` : bytes(d.done),
+    d.rate ? `${bytes(d.rate)}/s` : null, d.eta_s !== null && d.eta_s !== undefined ? `${seconds(d.eta_s)} left` : null];
+  return h("div", { class: "download", dataset: { done: d.done, total: d.total ?? "" }, title: d.source },
+    h("div", { class: "bar" }, h("div", { class: "fill", style: `width:${pct.toFixed(1)}%` })),
+    h("div", { class: "download-text muted" }, parts.filter(Boolean).join(" · ")));
+}
+

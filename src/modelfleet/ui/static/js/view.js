@@ -126,7 +126,8 @@ export function lastComplete(series, n) {
 
 /** Instance state → badge colour. */
 export function stateKind(state) {
-  return { ready: "ok", routed: "ok", starting: "info", pending: "", draining: "warn", failed: "bad", stopped: "" }[state] ?? "";
+  return { ready: "ok", routed: "ok", starting: "info", downloading: "info", pending: "", draining: "warn", failed: "bad",
+    stopped: "" }[state] ?? "";
 }
 
-export const STATE_ORDER = ["ready", "starting", "pending", "draining", "failed", "stopped", "routed"];
+export const STATE_ORDER = ["ready", "starting", "downloading", "pending", "draining", "failed", "stopped", "routed"];

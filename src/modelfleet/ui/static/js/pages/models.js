@@ -1,12 +1,19 @@
-// Models and instances: replicas, states, where each runs, its load; drain, scale, undeploy.
+// Models and instances: replicas, states, where each runs, its load; deploy, drain, scale, undeploy.
 // Buttons call the controller through the gateway with the admin token (when one is set);
 // the answer, or the API's error message, shows as a toast, then the page polls at once.
+//
+// The deploy form (built once, so that polling never wipes what is being typed) takes a
+// catalog entry or a source (hf://, modelscope://, https://, a path on the workers, a bundled
+// name), a backend, replicas and placement labels. A remote source is downloaded by each worker
+// that gets a replica: its instances show "downloading" with a progress bar, then come up.
 
 import { api } from "../api.js";
-import { badge, fill, h, table } from "../dom.js";
-import { seconds } from "../format.js";
+import { badge, downloadBar, fill, h, table } from "../dom.js";
+import { bytes, seconds } from "../format.js";
 import { clusterError } from "../poller.js";
 import { buildView, stateKind } from "../view.js";
+
+const BACKENDS = ["llama.cpp", "sentence-transformers", "transformers", "vllm", "openai"];
 
 export default {
   id: "models",
@@ -15,21 +22,124 @@ export default {
   mount(el, app) {
     this.el = el;
     this.app = app;
-    fill(el, h("h1", {}, "Models and instances"), h("p", { class: "muted" }, "Loading…"));
+    this.catalog = null; // entries from /v1/cluster/catalog, loaded once (retried until it answers)
+    this.form = deployForm(this, app);
+    this.note = h("div");
+    this.list = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+    fill(el, h("h1", {}, "Models and instances"), this.form.panel, this.note, this.list);
+    this.loadCatalog();
   },
 
   update(state) {
     const v = buildView(state);
     const manage = manageState(state);
-    fill(this.el,
-      h("h1", {}, "Models and instances"),
-      manage.why ? h("p", { class: "muted" }, `Actions unavailable: ${manage.why}`) : null,
+    this.form.enable(manage);
+    if (!this.catalog && manage.ok) this.loadCatalog();
+    fill(this.note, manage.why ? h("p", { class: "muted" }, `Actions unavailable: ${manage.why}`) : null);
+    fill(this.list,
       v.models.length
         ? v.models.map((m) => modelPanel(m, manage, this.app))
-        : h("p", { class: "empty" }, "No model yet. Deploy one with `modelfleet deploy NAME --backend … --model …`."),
+        : h("p", { class: "empty" }, "No model yet. Deploy one with the form above or `modelfleet deploy NAME --model SOURCE`."),
     );
   },
+
+  async loadCatalog() {
+    if (this.loadingCatalog) return;
+    this.loadingCatalog = true;
+    try {
+      this.catalog = (await api.catalog()).data;
+      this.form.setCatalog(this.catalog);
+    } catch {
+      // shown by the banners; retried at the next update
+    } finally {
+      this.loadingCatalog = false;
+    }
+  },
 };
+
+/** The deploy form: catalog picker, name, source, backend, replicas, labels. */
+function deployForm(page, app) {
+  const ui = {
+    catalog: h("select", { id: "deploy-catalog", "aria-label": "catalog entry" },
+      h("option", { value: "" }, "— a source of your own —")),
+    name: h("input", { id: "deploy-name", required: true, maxlength: 255, placeholder: "the model name clients send" }),
+    source: h("input", { id: "deploy-source", placeholder: "hf://ORG/REPO:Q4_K_M, modelscope://…, https://…#sha256=…, /path" }),
+    backend: h("select", { id: "deploy-backend" },
+      h("option", { value: "" }, "automatic"), BACKENDS.map((b) => h("option", { value: b }, b))),
+    replicas: h("input", { id: "deploy-replicas", type: "number", min: 0, max: 1000, step: 1, value: "1" }),
+    labels: h("input", { id: "deploy-labels", placeholder: "gpu=a100, zone=eu (optional)" }),
+    about: h("p", { class: "hint", id: "deploy-about" }, "Pick a model of the catalog, or give its source."),
+    submit: h("button", { id: "deploy-submit", type: "submit" }, "Deploy"),
+    error: h("p", { class: "error-text", id: "deploy-error" }),
+  };
+  ui.catalog.addEventListener("change", () => {
+    const e = (page.catalog ?? []).find((c) => c.name === ui.catalog.value);
+    if (!e) {
+      ui.about.textContent = "Give the source: the workers that run a replica download it into their cache.";
+      return;
+    }
+    ui.name.value = e.name;
+    ui.source.value = e.source;
+    ui.backend.value = e.backend;
+    const needs = [e.size ? `${bytes(e.size)} to download` : null, e.memory ? `${bytes(e.memory)} RAM per replica` : null,
+      e.gpu_memory ? `${bytes(e.gpu_memory)} GPU memory with all layers on a GPU` : null].filter(Boolean).join(", ");
+    ui.about.textContent = `${e.description || e.name} (${e.kind}, ${e.backend})${needs ? `: ${needs}` : ""}.`;
+  });
+  const form = h("form", { id: "deploy-form", class: "deploy-form", onsubmit: (ev) => { ev.preventDefault(); submit(); } },
+    h("label", {}, "From the catalog", ui.catalog),
+    h("label", {}, "Name", ui.name),
+    h("label", { class: "wide" }, "Source", ui.source),
+    h("label", {}, "Backend", ui.backend),
+    h("label", {}, "Replicas", ui.replicas),
+    h("label", {}, "Placement labels", ui.labels),
+    h("div", { class: "wide" }, ui.about),
+    h("div", { class: "row end wide" }, ui.error, ui.submit));
+  const panel = h("details", { class: "panel deploy", id: "deploy-panel" },
+    h("summary", {}, h("strong", {}, "Deploy a model")), form);
+
+  async function submit() {
+    ui.error.textContent = "";
+    const labels = {};
+    for (const part of ui.labels.value.split(",").map((x) => x.trim()).filter(Boolean)) {
+      const [k, ...rest] = part.split("=");
+      if (!k || !rest.length) {
+        ui.error.textContent = `placement labels are k=v, comma-separated (got "${part}")`;
+        return;
+      }
+      labels[k.trim()] = rest.join("=").trim();
+    }
+    const body = { name: ui.name.value.trim(), replicas: Number(ui.replicas.value || 1), placement: { labels } };
+    const entry = (page.catalog ?? []).find((c) => c.name === ui.catalog.value);
+    if (entry && ui.source.value.trim() === entry.source) body.catalog = entry.name; // its defaults too
+    else body.source = ui.source.value.trim();
+    if (ui.backend.value) body.backend = ui.backend.value;
+    ui.submit.disabled = true;
+    try {
+      const d = await api.deploy(body);
+      const size = d.model_bytes ? `, ${bytes(d.model_bytes)}` : "";
+      app.toast(`${d.name} deployed: ${d.backend} ${d.source}${size}`);
+      panel.open = false;
+    } catch (err) {
+      ui.error.textContent = String(err);
+    } finally {
+      ui.submit.disabled = false;
+    }
+    app.refresh();
+  }
+
+  return {
+    panel,
+    setCatalog(entries) {
+      fill(ui.catalog, h("option", { value: "" }, "— a source of your own —"),
+        entries.map((e) => h("option", { value: e.name },
+          `${e.name} · ${e.kind} · ${e.backend}${e.size ? ` · ${bytes(e.size)}` : ""}`)));
+    },
+    enable(manage) {
+      ui.submit.disabled = !manage.ok;
+      ui.submit.title = manage.why ?? "Create the deployment";
+    },
+  };
+}
 
 /** Can this browser change the cluster now? Only while the controller answers our reads. */
 function manageState(state) {
@@ -80,10 +190,12 @@ function instancesTable(m, manage, app) {
     ["Instance", "State", "Worker", "Endpoint", { title: "In flight", num: true }, { title: "Restarts", num: true }, "Last error", ""],
     m.instances.map((i) => [
       h("span", { class: "mono" }, i.id),
-      h("span", { class: "chips" },
-        badge(i.state, stateKind(i.state), { class: "state" }),
-        i.ejected ? badge(`ejected ${seconds(i.ejected_for_s)}`, "bad") : null,
-        i.worker_alive === false ? badge("worker offline", "bad") : null),
+      h("div", {},
+        h("span", { class: "chips" },
+          badge(i.state, stateKind(i.state), { class: "state" }),
+          i.ejected ? badge(`ejected ${seconds(i.ejected_for_s)}`, "bad") : null,
+          i.worker_alive === false ? badge("worker offline", "bad") : null),
+        i.state === "downloading" && i.download ? downloadBar(i.download) : null),
       i.worker_id ?? h("span", { class: "muted" }, "unplaced"),
       i.endpoint ? h("span", { class: "mono" }, i.endpoint) : "–",
       i.in_flight === null ? "–" : `${i.in_flight} / ${i.max_concurrency}`,
@@ -99,7 +211,7 @@ function instancesTable(m, manage, app) {
 }
 
 function canDrain(i) {
-  return i.enabled !== false && !i.gatewayOnly && ["ready", "starting", "pending", "failed"].includes(i.state);
+  return i.enabled !== false && !i.gatewayOnly && ["ready", "starting", "downloading", "pending", "failed"].includes(i.state);
 }
 
 async function act(app, fn, done) {

@@ -1,6 +1,6 @@
 // Workers: one panel per machine with its resources (memory bars) and its instances.
 
-import { badge, fill, h, meter, table } from "../dom.js";
+import { badge, downloadBar, fill, h, meter, table } from "../dom.js";
 import { ago, bytes, seconds } from "../format.js";
 import { buildView, stateKind } from "../view.js";
 
@@ -43,11 +43,17 @@ function workerPanel(w) {
           row("Labels", labels.length ? h("span", { class: "chips" }, labels.map(([k, val]) => h("span", { class: "chip" }, `${k}=${val}`))) : h("span", { class: "muted" }, "none")),
           row("CPU", `${res.cpu_cores ?? "?"} cores`),
           row("GPUs", res.gpus?.length ? `${res.gpus.length}` : "none"),
+          row("Model cache", res.cached_models?.length
+            ? h("span", { class: "chips" }, res.cached_models.map((m) => h("span", { class: "chip" }, m)))
+            : h("span", { class: "muted" }, "no remote model")),
+          row("Disk free", res.disk_free === null || res.disk_free === undefined ? "–" : bytes(res.disk_free)),
           row("Version", w.version || "–"),
           row("Joined", w.registered_at ? new Date(w.registered_at * 1000).toLocaleString() : "–")))),
       h("div", {},
         meter("Memory", (res.memory_total ?? 0) - (res.memory_free ?? 0), res.memory_total ?? 0, bytes),
-        (res.gpus ?? []).map((g) => meter(`GPU ${g.index}: ${g.name}`, g.memory_total - g.memory_free, g.memory_total, bytes)))),
+        (res.gpus ?? []).map((g) => meter(`GPU ${g.index}: ${g.name}`, g.memory_total - g.memory_free, g.memory_total, bytes)),
+        (res.downloads ?? []).map((d) => h("div", { class: "worker-download", dataset: { source: d.source } },
+          h("div", { class: "meter-label" }, h("span", {}, `Downloading ${d.source}`)), downloadBar(d))))),
     h("h3", { style: "margin-top:12px" }, `Instances (${w.instanceList.length})`),
     w.instanceList.length
       ? table(["Instance", "Model", "State", "Endpoint", { title: "In flight", num: true }, { title: "Restarts", num: true }],
