@@ -462,12 +462,13 @@ def workers(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTo
         r = w["resources"]
         gpus = ", ".join(f"{g['index']}:{g['name']} {human_bytes(g['memory_free'])}/{human_bytes(g['memory_total'])}"
                          for g in r.get("gpus", [])) or "-"
+        cache = f"{len(r.get('cached_models') or [])} models, {human_bytes(r.get('disk_free'))} free"
         rows.append([w["name"], f"{w['address']}:{w['port']}", "alive" if w["alive"] else "DEAD",
                      f"{w['heartbeat_age']:.1f}s", r["cpu_cores"],
                      f"{human_bytes(r['memory_free'])}/{human_bytes(r['memory_total'])}", gpus, w["instances"],
-                     ",".join(f"{k}={v}" for k, v in w.get("labels", {}).items()) or "-"])
+                     cache, ",".join(f"{k}={v}" for k, v in w.get("labels", {}).items()) or "-"])
     print_table("workers", ["name", "address", "health", "heartbeat", "cpus", "memory free/total", "gpus",
-                            "instances", "labels"], rows)
+                            "instances", "model cache", "labels"], rows)
 
 
 @app.command()

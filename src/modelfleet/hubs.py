@@ -68,8 +68,12 @@ def _server_message(response: httpx.Response) -> str:
             body = response.json()
             if isinstance(body, dict):
                 err = body.get("error")
-                message = str(body.get("Message") or body.get("message")
-                              or (err.get("message") if isinstance(err, dict) else err) or "")
+                message = str(
+                    body.get("Message")
+                    or body.get("message")
+                    or (err.get("message") if isinstance(err, dict) else err)
+                    or ""
+                )
         except ValueError:
             message = response.text[:200] if response.headers.get("content-type", "").startswith("text/") else ""
     return " ".join(message.split())[:300]
@@ -83,11 +87,15 @@ def http_error(src: RemoteSource, response: httpx.Response, what: str) -> FetchE
     code = response.headers.get("x-error-code", "")
     if code == "GatedRepo" or (status == 401 and "gated" in said.lower()):
         token = "HF_TOKEN" if src.scheme == "hf" else "a token"
-        return FetchError("gated", f"{src.display}: gated repository ({status}{said}); accept its terms on the hub "
-                                   f"and give the worker {token} with access")
+        return FetchError(
+            "gated",
+            f"{src.display}: gated repository ({status}{said}); accept its terms on the hub "
+            f"and give the worker {token} with access",
+        )
     if status in (401, 403):
         hint = {"hf": "set HF_TOKEN on the worker", "modelscope": "set MODELSCOPE_API_TOKEN on the worker"}.get(
-            src.scheme, "the server refused the request")
+            src.scheme, "the server refused the request"
+        )
         return FetchError("auth", f"{src.display}: {what}: access denied ({status}{said}); {hint}")
     if status == 404:
         return FetchError("not_found", f"{src.display}: {what} not found (404{said})")
@@ -105,24 +113,34 @@ def _hf_error(src: RemoteSource, exc: Exception, what: str) -> FetchError:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, errors.OfflineModeIsEnabled):
-        return FetchError("offline", f"{src.display}: HF_HUB_OFFLINE is set on this machine, so nothing is fetched "
-                                     "from the Hugging Face Hub (unset it, or use a local path)")
+        return FetchError(
+            "offline",
+            f"{src.display}: HF_HUB_OFFLINE is set on this machine, so nothing is fetched "
+            "from the Hugging Face Hub (unset it, or use a local path)",
+        )
     if isinstance(exc, errors.GatedRepoError):
-        return FetchError("gated", f"{src.display}: gated repository ({status or 401}: access to {src.repo} is "
-                                   "restricted); accept its terms on the hub and give the worker HF_TOKEN with access")
+        return FetchError(
+            "gated",
+            f"{src.display}: gated repository ({status or 401}: access to {src.repo} is "
+            "restricted); accept its terms on the hub and give the worker HF_TOKEN with access",
+        )
     if isinstance(exc, errors.RevisionNotFoundError):
         return FetchError("not_found", f"{src.display}: revision {src.rev} not found ({status or 404})")
     if isinstance(exc, errors.RemoteEntryNotFoundError):
         return FetchError("not_found", f"{src.display}: {what} not found ({status or 404})")
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return FetchError("not_found", f"{src.display}: repository {src.repo} not found, or private and this worker "
-                                       f"has no HF_TOKEN with access ({status or 404})")
+        return FetchError(
+            "not_found",
+            f"{src.display}: repository {src.repo} not found, or private and this worker "
+            f"has no HF_TOKEN with access ({status or 404})",
+        )
     if isinstance(exc, errors.HfHubHTTPError):
         if status in (401, 403):
             return FetchError("auth", f"{src.display}: {what}: access denied ({status}); check HF_TOKEN")
         return FetchError("server", f"{src.display}: {what}: the hub answered {status}: {first}")
-    return FetchError("network", f"{src.display}: cannot reach the hub at {hf_endpoint()}: {type(exc).__name__}: "
-                                 f"{first}")
+    return FetchError(
+        "network", f"{src.display}: cannot reach the hub at {hf_endpoint()}: {type(exc).__name__}: {first}"
+    )
 
 
 def _hf_offline(src: RemoteSource) -> None:
@@ -141,12 +159,14 @@ def list_hf(src: RemoteSource, timeout: float) -> tuple[str, list[RemoteFile]]:
     _hf_offline(src)
     try:
         info = HfApi(endpoint=hf_endpoint(), user_agent=USER_AGENT).model_info(
-            src.repo, revision=src.rev, files_metadata=True, timeout=timeout)
+            src.repo, revision=src.rev, files_metadata=True, timeout=timeout
+        )
     except Exception as exc:  # huggingface_hub and httpx2 errors, mapped by kind
         raise _hf_error(src, exc, "listing") from None
     files = [
-        RemoteFile(path=s.rfilename, size=s.size, sha256=s.lfs.sha256 if s.lfs else None,
-                   git_sha1=None if s.lfs else s.blob_id)
+        RemoteFile(
+            path=s.rfilename, size=s.size, sha256=s.lfs.sha256 if s.lfs else None, git_sha1=None if s.lfs else s.blob_id
+        )
         for s in info.siblings or []
     ]
     return info.sha or src.rev, files
@@ -200,8 +220,9 @@ def list_modelscope(src: RemoteSource, timeout: float) -> tuple[str, list[Remote
     try:
         r = httpx.get(url, params=params, headers=_modelscope_headers(), timeout=timeout, follow_redirects=True)
     except httpx.HTTPError as exc:
-        raise FetchError("network", f"{src.display}: cannot reach ModelScope at {modelscope_endpoint()}: "
-                                    f"{type(exc).__name__}: {exc}") from None
+        raise FetchError(
+            "network", f"{src.display}: cannot reach ModelScope at {modelscope_endpoint()}: {type(exc).__name__}: {exc}"
+        ) from None
     if r.status_code >= 400:
         raise http_error(src, r, "repository listing")
     try:
@@ -213,9 +234,13 @@ def list_modelscope(src: RemoteSource, timeout: float) -> tuple[str, list[Remote
             if (e.get("Type") or e.get("type") or "blob") == "tree":
                 continue
             size = e.get("Size", e.get("size"))
-            files.append(RemoteFile(path=e.get("Path") or e.get("path") or e.get("Name"),
-                                    size=int(size) if size is not None else None,
-                                    sha256=(e.get("Sha256") or e.get("sha256") or None)))
+            files.append(
+                RemoteFile(
+                    path=e.get("Path") or e.get("path") or e.get("Name"),
+                    size=int(size) if size is not None else None,
+                    sha256=(e.get("Sha256") or e.get("sha256") or None),
+                )
+            )
     except (ValueError, AttributeError, TypeError) as exc:
         raise FetchError("server", f"{src.display}: unreadable repository listing from {url}: {exc}") from None
     if isinstance(body, dict) and body.get("Success") is False:
@@ -224,8 +249,10 @@ def list_modelscope(src: RemoteSource, timeout: float) -> tuple[str, list[Remote
 
 
 def modelscope_file_request(src: RemoteSource, revision: str, f: RemoteFile) -> FileRequest:
-    url = (f"{modelscope_endpoint()}/api/v1/models/{src.repo}/repo?Revision={quote(revision, safe='')}"
-           f"&FilePath={quote(f.path, safe='')}")
+    url = (
+        f"{modelscope_endpoint()}/api/v1/models/{src.repo}/repo?Revision={quote(revision, safe='')}"
+        f"&FilePath={quote(f.path, safe='')}"
+    )
     return FileRequest(url=url, headers=_modelscope_headers())
 
 
@@ -246,8 +273,9 @@ def probe_url(src: RemoteSource, timeout: float) -> RemoteFile:
             elif r.status_code < 400 and r.headers.get("content-length", "").isdigit():
                 size = int(r.headers["content-length"])
     except httpx.HTTPError as exc:
-        raise FetchError("network", f"{src.display}: cannot reach {urlsplit(src.url).netloc}: "
-                                    f"{type(exc).__name__}: {exc}") from None
+        raise FetchError(
+            "network", f"{src.display}: cannot reach {urlsplit(src.url).netloc}: {type(exc).__name__}: {exc}"
+        ) from None
     if r.status_code >= 400:
         raise http_error(src, r, "file")
     return RemoteFile(path=url_file_name(src), size=size, sha256=src.sha256, url=src.url)

@@ -36,8 +36,25 @@ _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf
 
 # Files a snapshot leaves out: weights for runtimes no backend here uses, and repo chrome.
 SNAPSHOT_SKIP = (
-    ".gitattributes", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.tflite",
-    "coreml/*", "*.mlmodel", "*.mlpackage/*", "*.gguf", "*.ggml", "*.pte", "*.png", "*.jpg", "*.jpeg", "*.gif",
+    ".gitattributes",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.onnx",
+    "*.onnx_data",
+    "onnx/*",
+    "openvino/*",
+    "*.tflite",
+    "coreml/*",
+    "*.mlmodel",
+    "*.mlpackage/*",
+    "*.gguf",
+    "*.ggml",
+    "*.pte",
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.gif",
 )
 # Left out only when the repo also has *.safetensors (the same weights, in a format loaded without pickle).
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth")
@@ -102,8 +119,9 @@ def parse_source(text: str) -> RemoteSource | None:
     if scheme in URL_SCHEMES:
         return _parse_url(text)
     if scheme not in HUB_SCHEMES:
-        raise SourceError(f"unknown source scheme {scheme}:// in {text!r} "
-                          "(use hf://, modelscope://, https:// or a path)")
+        raise SourceError(
+            f"unknown source scheme {scheme}:// in {text!r} (use hf://, modelscope://, https:// or a path)"
+        )
     return _parse_hub(scheme, rest, text)
 
 
@@ -127,8 +145,13 @@ def _parse_hub(scheme: str, rest: str, text: str) -> RemoteSource:
     quant = m.group("quant")
     if quant and file:
         raise SourceError(f"{text!r}: give a file or a quantization, not both")
-    return RemoteSource(scheme=scheme, repo=f"{m.group('org')}/{m.group('name')}", file=file, revision=revision,
-                        quant=quant.upper() if quant else None)
+    return RemoteSource(
+        scheme=scheme,
+        repo=f"{m.group('org')}/{m.group('name')}",
+        file=file,
+        revision=revision,
+        quant=quant.upper() if quant else None,
+    )
 
 
 def _parse_url(text: str) -> RemoteSource:
@@ -218,7 +241,7 @@ def gguf_quant(path: str) -> str | None:
     split = _SPLIT_RE.match(name)
     stem = split.group("stem") if split else name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
     last = re.split(r"[-.]", stem)[-1]
-    return last.upper() if re.fullmatch(r"(i?q\d[a-z0-9_]*|f16|f32|bf16)", last, re.IGNORECASE) else None
+    return last.upper() if re.fullmatch(r"(i?q\d[a-z0-9_]*|b?f16|f32|fp16|fp32)", last, re.IGNORECASE) else None
 
 
 def _human(n: int | None) -> str:
@@ -288,28 +311,37 @@ def select_files(src: RemoteSource, files: list[RemoteFile], backend: str | None
         if src.quant:
             chosen = [g for g in models if gguf_quant_matches(g[0].path, src.quant)]
             if not chosen:
-                raise SourceError(f"{where} has no GGUF file for quantization {src.quant} "
-                                  f"(available: {_describe_models(models)})")
+                raise SourceError(
+                    f"{where} has no GGUF file for quantization {src.quant} (available: {_describe_models(models)})"
+                )
             if len(chosen) > 1:
-                raise AmbiguousSource(f"{where}: quantization {src.quant} matches {len(chosen)} GGUF files: "
-                                  f"{_describe_models(chosen)}; name the file: {where.split('@')[0]}/FILE")
+                raise AmbiguousSource(
+                    f"{where}: quantization {src.quant} matches {len(chosen)} GGUF files: "
+                    f"{_describe_models(chosen)}; name the file: {where.split('@')[0]}/FILE"
+                )
             models = chosen
         if len(models) > 1:
             example = next((q for g in models if (q := gguf_quant(g[0].path))), "Q4_K_M")
-            raise AmbiguousSource(f"{where} has {len(models)} GGUF files: {_describe_models(models)}; choose one with "
-                                  f"--quant (e.g. --quant {example}, or {src.scheme}://{src.repo}:{example}) or name "
-                                  f"the file ({src.scheme}://{src.repo}/FILE)")
+            raise AmbiguousSource(
+                f"{where} has {len(models)} GGUF files: {_describe_models(models)}; choose one with "
+                f"--quant (e.g. --quant {example}, or {src.scheme}://{src.repo}:{example}) or name "
+                f"the file ({src.scheme}://{src.repo}/FILE)"
+            )
         group = models[0]
         return group, group[0].path
     if src.quant:
-        raise SourceError(f"{where}: a quantization ({src.quant}) only means something for a GGUF model "
-                          f"(backend llama.cpp); backend {backend} takes the whole repository")
+        raise SourceError(
+            f"{where}: a quantization ({src.quant}) only means something for a GGUF model "
+            f"(backend llama.cpp); backend {backend} takes the whole repository"
+        )
     names = [f.path for f in files]
     has_safetensors = any(n.endswith(".safetensors") for n in names)
     skip = SNAPSHOT_SKIP + (PICKLE_WEIGHTS if has_safetensors else ())
     if backend in ("transformers", "sentence-transformers", "vllm") and "config.json" not in names:
-        raise SourceError(f"{where} has no config.json: backend {backend} needs a Hugging Face model repository "
-                          "(for a GGUF repository use backend llama.cpp)")
+        raise SourceError(
+            f"{where} has no config.json: backend {backend} needs a Hugging Face model repository "
+            "(for a GGUF repository use backend llama.cpp)"
+        )
     chosen = [f for f in files if not any(fnmatch.fnmatch(f.path, pat) for pat in skip)]
     if not chosen:
         raise SourceError(f"{where} has no files a {backend or 'model'} runner can load")

@@ -123,20 +123,43 @@ class FakeHub:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def add_hf(self, repo: str, files: dict[str, Path], *, gated: bool = False, private: bool = False,
-               corrupt: tuple[str, ...] = (), sizes: dict[str, int] | None = None) -> Repo:
+    def add_hf(
+        self,
+        repo: str,
+        files: dict[str, Path],
+        *,
+        gated: bool = False,
+        private: bool = False,
+        corrupt: tuple[str, ...] = (),
+        sizes: dict[str, int] | None = None,
+    ) -> Repo:
         return self._add("hf", repo, files, gated, private, corrupt, sizes or {})
 
-    def add_modelscope(self, repo: str, files: dict[str, Path], *, private: bool = False,
-                       corrupt: tuple[str, ...] = (), sizes: dict[str, int] | None = None) -> Repo:
+    def add_modelscope(
+        self,
+        repo: str,
+        files: dict[str, Path],
+        *,
+        private: bool = False,
+        corrupt: tuple[str, ...] = (),
+        sizes: dict[str, int] | None = None,
+    ) -> Repo:
         return self._add("modelscope", repo, files, False, private, corrupt, sizes or {})
 
     def add_file(self, name: str, path: Path) -> Blob:
         self.plain[name] = cached_blob(path)
         return self.plain[name]
 
-    def _add(self, scheme: str, repo: str, files: dict[str, Path], gated: bool, private: bool,
-             corrupt: tuple[str, ...], sizes: dict[str, int]) -> Repo:
+    def _add(
+        self,
+        scheme: str,
+        repo: str,
+        files: dict[str, Path],
+        gated: bool,
+        private: bool,
+        corrupt: tuple[str, ...],
+        sizes: dict[str, int],
+    ) -> Repo:
         blobs = {p: replace(cached_blob(f, p in corrupt), listed=sizes.get(p)) for p, f in files.items()}
         commit = hashlib.sha1(f"{scheme}:{repo}:{sorted(b.sha256 for b in blobs.values())}".encode()).hexdigest()
         r = Repo(scheme=scheme, name=repo, files=blobs, commit=commit, gated=gated, private=private)
@@ -221,8 +244,13 @@ class FakeHub:
 
     def _note(self, request: web.Request) -> None:
         with self._lock:
-            self.requests.append((request.method, request.path_qs, {
-                k: request.headers[k] for k in ("Authorization", "Range", "Host") if k in request.headers}))
+            self.requests.append(
+                (
+                    request.method,
+                    request.path_qs,
+                    {k: request.headers[k] for k in ("Authorization", "Range", "Host") if k in request.headers},
+                )
+            )
 
     @staticmethod
     def _hf_error(status: int, code: str, message: str, commit: str | None = None) -> web.Response:
@@ -270,7 +298,7 @@ class FakeHub:
                     break
                 if blob.corrupt and start + sent <= blob.size // 2 < start + sent + len(chunk):
                     i = blob.size // 2 - (start + sent)
-                    chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]
+                    chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
                 await resp.write(chunk)
                 sent += len(chunk)
                 if self.throttle:
@@ -298,9 +326,19 @@ class FakeHub:
                 if b.size > LFS_THRESHOLD:
                     s["lfs"] = {"size": b.listed_size, "sha256": b.sha256, "pointerSize": 134}
             siblings.append(s)
-        return web.json_response({"_id": repo.commit[:24], "id": repo.name, "modelId": repo.name, "sha": repo.commit,
-                                  "private": repo.private, "gated": "manual" if repo.gated else False,
-                                  "disabled": False, "tags": [], "siblings": siblings})
+        return web.json_response(
+            {
+                "_id": repo.commit[:24],
+                "id": repo.name,
+                "modelId": repo.name,
+                "sha": repo.commit,
+                "private": repo.private,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "tags": [],
+                "siblings": siblings,
+            }
+        )
 
     async def hf_resolve(self, request: web.Request) -> web.StreamResponse:
         self._note(request)
@@ -310,24 +348,35 @@ class FakeHub:
         if repo is None or (repo.private and not self._authorized(request)):
             return self._hf_error(401, "RepoNotFound", "Repository not found")
         if repo.gated and not self._authorized(request):
-            return self._hf_error(401, "GatedRepo", f"Access to model {repo.name} is restricted. You must have "
-                                                    "access to it and be authenticated to access it. Please log in.")
+            return self._hf_error(
+                401,
+                "GatedRepo",
+                f"Access to model {repo.name} is restricted. You must have "
+                "access to it and be authenticated to access it. Please log in.",
+            )
         rev = request.match_info["rev"]
         if rev not in ("main", repo.commit):
             return self._hf_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         path = request.match_info["path"]
         blob = repo.files.get(path)
         if blob is None:
-            return self._hf_error(404, "EntryNotFound", f"{path} does not exist on \"{rev}\"", repo.commit)
+            return self._hf_error(404, "EntryNotFound", f'{path} does not exist on "{rev}"', repo.commit)
         headers = {"X-Repo-Commit": repo.commit}
         key = f"hf:{repo.name}/{path}"
         if blob.size > LFS_THRESHOLD:
             location = f"http://127.0.0.1:{self.cdn_port}/cdn/{blob.sha256}?key={key}"
             with self._lock:
                 self.stats[key].heads += request.method == "HEAD"
-            return web.Response(status=302, headers={**headers, "Location": location,
-                                                     "X-Linked-Etag": f'"{blob.sha256}"',
-                                                     "X-Linked-Size": str(blob.size), "ETag": f'"{blob.git_sha1}"'})
+            return web.Response(
+                status=302,
+                headers={
+                    **headers,
+                    "Location": location,
+                    "X-Linked-Etag": f'"{blob.sha256}"',
+                    "X-Linked-Size": str(blob.size),
+                    "ETag": f'"{blob.git_sha1}"',
+                },
+            )
         resp = await self._send(request, blob, key, headers)
         resp.headers["ETag"] = f'"{blob.git_sha1}"'
         return resp
@@ -342,8 +391,15 @@ class FakeHub:
 
     # -- ModelScope ------------------------------------------------------------------
     def _ms_error(self, status: int, message: str) -> web.Response:
-        return web.json_response({"Code": 10010205001 if status == 404 else status, "Message": message,
-                                  "RequestId": "fake", "Success": False}, status=status)
+        return web.json_response(
+            {
+                "Code": 10010205001 if status == 404 else status,
+                "Message": message,
+                "RequestId": "fake",
+                "Success": False,
+            },
+            status=status,
+        )
 
     async def ms_files(self, request: web.Request) -> web.Response:
         self._note(request)
@@ -352,9 +408,18 @@ class FakeHub:
             return self._ms_error(404, "model not found")
         if repo.private and not self._authorized(request):
             return self._ms_error(401, "no permission to access this model, please login")
-        files = [{"Name": Path(p).name, "Path": p, "Type": "blob", "Size": b.listed_size, "Sha256": b.sha256,
-                  "Revision": repo.commit, "IsLFS": b.size > LFS_THRESHOLD}
-                 for p, b in sorted(repo.files.items())]
+        files = [
+            {
+                "Name": Path(p).name,
+                "Path": p,
+                "Type": "blob",
+                "Size": b.listed_size,
+                "Sha256": b.sha256,
+                "Revision": repo.commit,
+                "IsLFS": b.size > LFS_THRESHOLD,
+            }
+            for p, b in sorted(repo.files.items())
+        ]
         return web.json_response({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
 
     async def ms_file(self, request: web.Request) -> web.StreamResponse:
@@ -389,7 +454,26 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     import subprocess
 
     cert, key = folder / "hub-cert.pem", folder / "hub-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key

@@ -44,17 +44,32 @@ class Fleet:
 
     def start_worker(self, name: str, *extra: str) -> Proc:
         port = free_port()
-        p = self.procs.worker(name, port, self.ctl, "--heartbeat-interval", "1", "--runner-port-start",
-                              str(port_start()), "--models-dir", str(self.home / f"models-{name}"), *extra,
-                              env=self.env)
+        p = self.procs.worker(
+            name,
+            port,
+            self.ctl,
+            "--heartbeat-interval",
+            "1",
+            "--runner-port-start",
+            str(port_start()),
+            "--models-dir",
+            str(self.home / f"models-{name}"),
+            *extra,
+            env=self.env,
+        )
         p.wait_ready(60)
         p.port = port  # type: ignore[attr-defined]
         self.workers[name] = p
         return p
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*MODELFLEET, *args, "--controller", self.ctl], capture_output=True, text=True,
-                              timeout=timeout, env=self.env)
+        return subprocess.run(
+            [*MODELFLEET, *args, "--controller", self.ctl],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
 
     def instances(self, model: str | None = None) -> list[dict[str, Any]]:
         params = {"model": model} if model else {}
@@ -89,17 +104,42 @@ def fleet(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
         "    backend: llama.cpp\n"
         "    params: {n_ctx: 512, n_threads: 1}\n"
         "    size: 1 GiB\n"
-        "    memory: 0.5 GiB\n")
+        "    memory: 0.5 GiB\n"
+    )
     procs = Procs(home)
     env = hub_env(hub, MODELFLEET_HOME=str(home / "home"))
     cport, gport = free_port(), free_port()
     ctl = f"http://127.0.0.1:{cport}"
-    procs.controller("ctl", cport, f"sqlite:///{home / 'state.db'}", "--heartbeat-interval", "1", "--grace", "3",
-                     "--catalog", str(home / "catalog.yaml"), env=env)
+    procs.controller(
+        "ctl",
+        cport,
+        f"sqlite:///{home / 'state.db'}",
+        "--heartbeat-interval",
+        "1",
+        "--grace",
+        "3",
+        "--catalog",
+        str(home / "catalog.yaml"),
+        env=env,
+    )
     gateway = f"http://127.0.0.1:{gport}"
-    procs.start("gateway", [*MODELFLEET, "gateway", "--controller", ctl, "--host", "127.0.0.1", "--port", str(gport),
-                            "--snapshot-path", str(home / "routes.json")], env=env,
-                ready_url=f"{gateway}/health/live").wait_ready(60)
+    procs.start(
+        "gateway",
+        [
+            *MODELFLEET,
+            "gateway",
+            "--controller",
+            ctl,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(gport),
+            "--snapshot-path",
+            str(home / "routes.json"),
+        ],
+        env=env,
+        ready_url=f"{gateway}/health/live",
+    ).wait_ready(60)
     f = Fleet(ctl=ctl, gateway=gateway, home=home, procs=procs, env=env)
     f.start_worker("w1")
     f.start_worker("w2")
@@ -119,11 +159,18 @@ def test_hf_repo_two_replicas_download_once_per_worker_and_serve(fleet: Fleet, h
         r = fleet.cli("deploy", "smol", "--model", "hf://org/smol-GGUF", "--quant", "Q4_1", "--replicas", "2", *LIGHT)
         assert r.returncode == 0, r.stderr
         assert f"llama.cpp {SMOL}, 2 replica(s); size 93.8 MiB (hub: 1 file(s), 93.8 MiB at" in " ".join(
-            r.stdout.split())
+            r.stdout.split()
+        )
         downloading = wait_for(
-            lambda: [i for i in fleet.instances("smol")
-                     if i["state"] == "downloading" and (i["download"] or {}).get("done", 0) > 0],
-            60, interval=0.2, what="a replica downloading with progress")
+            lambda: [
+                i
+                for i in fleet.instances("smol")
+                if i["state"] == "downloading" and (i["download"] or {}).get("done", 0) > 0
+            ],
+            60,
+            interval=0.2,
+            what="a replica downloading with progress",
+        )
         d = downloading[0]["download"]
         assert d["source"] == SMOL and d["total"] == SIZE and d["instances"] == [downloading[0]["id"]]
         table = fleet.cli("instances", "--model", "smol").stdout
@@ -172,8 +219,12 @@ def test_a_worker_killed_mid_download_resumes_after_restart(fleet: Fleet, hub: F
     hub.throttle = 15e6
     try:
         w4 = fleet.start_worker("w4", "--model", declared)
-        wait_for(lambda: sum(p.stat().st_size for p in partial.rglob("*.partial")) > SIZE // 3, 60, interval=0.1,
-                 what="a third of the file downloaded")
+        wait_for(
+            lambda: sum(p.stat().st_size for p in partial.rglob("*.partial")) > SIZE // 3,
+            60,
+            interval=0.1,
+            what="a third of the file downloaded",
+        )
         w4.kill()
     finally:
         hub.throttle = None
@@ -191,10 +242,12 @@ def test_a_worker_killed_mid_download_resumes_after_restart(fleet: Fleet, hub: F
 def test_a_gated_repo_without_token_fails_with_the_reason_and_no_crash_loop(fleet: Fleet, hub: FakeHub) -> None:
     hub.add_hf("org/gated-GGUF", {"smol.gguf": GGUF}, gated=True)
     assert fleet.cli("deploy", "gated", "--model", "hf://org/gated-GGUF/smol.gguf").returncode == 0
-    failed = wait_for(lambda: [i for i in fleet.instances("gated") if i["state"] == "failed"], 60,
-                      what="the gated deployment's instance failed")[0]
-    assert failed["last_error"].startswith("download failed: hf://org/gated-GGUF/smol.gguf@main: gated repository "
-                                           "(401")
+    failed = wait_for(
+        lambda: [i for i in fleet.instances("gated") if i["state"] == "failed"],
+        60,
+        what="the gated deployment's instance failed",
+    )[0]
+    assert failed["last_error"].startswith("download failed: hf://org/gated-GGUF/smol.gguf@main: gated repository (401")
     assert "HF_TOKEN" in failed["last_error"] and "trying again in 60 s" in failed["last_error"]
     time.sleep(3)
     after = fleet.instances("gated")[0]
@@ -210,8 +263,9 @@ def test_https_with_a_checksum_two_replicas_and_a_wrong_checksum_refused(fleet: 
     hub.add_file("smol.gguf", GGUF)
     url = f"https://127.0.0.1:{hub.https_port}/files/smol.gguf"
     assert fleet.cli("deploy", "bad", "--model", f"{url}#sha256={'0' * 64}").returncode == 0
-    failed = wait_for(lambda: [i for i in fleet.instances("bad") if i["state"] == "failed"], 60,
-                      what="the wrong checksum refused")[0]
+    failed = wait_for(
+        lambda: [i for i in fleet.instances("bad") if i["state"] == "failed"], 60, what="the wrong checksum refused"
+    )[0]
     assert "checksum mismatch: expected sha256 " + "0" * 64 in failed["last_error"]
     assert fleet.cli("undeploy", "bad").returncode == 0
 
@@ -228,8 +282,18 @@ def test_https_with_a_checksum_two_replicas_and_a_wrong_checksum_refused(fleet: 
 
 def test_modelscope_snapshot_two_replicas_serve_embeddings(fleet: Fleet, hub: FakeHub) -> None:
     hub.add_modelscope("org/all-MiniLM-L6-v2", MINILM_FILES)
-    r = fleet.cli("deploy", "minilm", "--model", "modelscope://org/all-MiniLM-L6-v2", "--backend",
-                  "sentence-transformers", "--replicas", "2", "--param", "n_threads=1")
+    r = fleet.cli(
+        "deploy",
+        "minilm",
+        "--model",
+        "modelscope://org/all-MiniLM-L6-v2",
+        "--backend",
+        "sentence-transformers",
+        "--replicas",
+        "2",
+        "--param",
+        "n_threads=1",
+    )
     assert r.returncode == 0, r.stderr
     ready = fleet.ready("minilm", 2)
     assert len({i["worker_id"] for i in ready}) == 2

@@ -33,10 +33,12 @@ def fetch_cmd(cache: Path, source: str, backend: str | None = "llama.cpp") -> li
     return argv + (["--backend", backend] if backend else [])
 
 
-def fetch(hub: FakeHub, cache: Path, source: str, backend: str | None = "llama.cpp",
-          **env: str) -> tuple[int, list[dict[str, Any]]]:
-    p = subprocess.run(fetch_cmd(cache, source, backend), env=hub_env(hub, **env), capture_output=True, text=True,
-                       timeout=120)
+def fetch(
+    hub: FakeHub, cache: Path, source: str, backend: str | None = "llama.cpp", **env: str
+) -> tuple[int, list[dict[str, Any]]]:
+    p = subprocess.run(
+        fetch_cmd(cache, source, backend), env=hub_env(hub, **env), capture_output=True, text=True, timeout=120
+    )
     events = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert events, f"no events; stderr:\n{p.stderr[-3000:]}"
     return p.returncode, events
@@ -129,8 +131,11 @@ def test_gated_and_private_repositories_say_what_is_missing(hub: FakeHub, tmp_pa
     assert rc == 0, events
 
     rc, events = fetch(hub, tmp_path, "hf://org/no-such-repo/m.gguf")
-    assert rc == 2 and events[-1]["kind"] == "not_found" and "repository org/no-such-repo not found" in \
-        events[-1]["message"]
+    assert (
+        rc == 2
+        and events[-1]["kind"] == "not_found"
+        and "repository org/no-such-repo not found" in events[-1]["message"]
+    )
     rc, events = fetch(hub, tmp_path, f"https://127.0.0.1:{hub.https_port}/files/missing.gguf")
     assert rc == 2 and events[-1]["message"].endswith("file not found (404)")
     rc, events = fetch(hub, tmp_path, "hf://org/gated/m.gguf", HF_HUB_OFFLINE="1", HF_TOKEN=hub.token)
@@ -172,7 +177,8 @@ def test_a_snapshot_and_a_cache_listing_and_prune(hub: FakeHub, tmp_path: Path) 
 
 
 async def test_two_instances_share_one_download_and_the_last_to_leave_stops_it(
-        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k, v in hub_env(hub).items():
         monkeypatch.setenv(k, v)
     hub.add_hf("org/shared", {"smol.gguf": GGUF})

@@ -36,7 +36,10 @@ SHA = "ab" * 32
         ("hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m", "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M@main"),
         ("hf://org/repo/sub/dir/model.gguf@v1.0", "hf://org/repo/sub/dir/model.gguf@v1.0"),
         ("hf://org/repo@refs/pr/3", "hf://org/repo@refs/pr/3"),
-        ("modelscope://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M", "modelscope://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M@master"),
+        (
+            "modelscope://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M",
+            "modelscope://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M@master",
+        ),
         ("https://example.org/m.gguf", "https://example.org/m.gguf"),
         (f"HTTPS://example.org/m.gguf#sha256={SHA.upper()}", f"HTTPS://example.org/m.gguf#sha256={SHA}"),
         ("/models/qwen.gguf", "/models/qwen.gguf"),  # local: unchanged
@@ -86,18 +89,38 @@ def test_quant_flag() -> None:
 
 # ---------------------------------------------------------------------------- which files
 
-QWEN = [RemoteFile(p, n) for p, n in [
-    (".gitattributes", 1500), ("LICENSE", 11000), ("README.md", 5000),
-    ("qwen2.5-0.5b-instruct-fp16.gguf", 1_270_000_000), ("qwen2.5-0.5b-instruct-q4_k_m.gguf", 491_400_032),
-    ("qwen2.5-0.5b-instruct-q4_k_s.gguf", 385_000_000), ("qwen2.5-0.5b-instruct-q8_0.gguf", 531_000_000),
-    ("mmproj-model-f16.gguf", 100_000_000),
-]]
+QWEN = [
+    RemoteFile(p, n)
+    for p, n in [
+        (".gitattributes", 1500),
+        ("LICENSE", 11000),
+        ("README.md", 5000),
+        ("qwen2.5-0.5b-instruct-fp16.gguf", 1_270_000_000),
+        ("qwen2.5-0.5b-instruct-q4_k_m.gguf", 491_400_032),
+        ("qwen2.5-0.5b-instruct-q4_k_s.gguf", 385_000_000),
+        ("qwen2.5-0.5b-instruct-q8_0.gguf", 531_000_000),
+        ("mmproj-model-f16.gguf", 100_000_000),
+    ]
+]
 SPLIT = [RemoteFile(f"big-Q4_K_M-0000{i}-of-00003.gguf", 10) for i in (1, 2, 3)] + [RemoteFile("big-Q8_0.gguf", 30)]
-MINILM = [RemoteFile(p, 10) for p in [
-    ".gitattributes", "1_Pooling/config.json", "README.md", "config.json", "model.safetensors", "pytorch_model.bin",
-    "onnx/model.onnx", "openvino/openvino_model.xml", "tf_model.h5", "rust_model.ot", "tokenizer.json", "vocab.txt",
-    "modules.json",
-]]
+MINILM = [
+    RemoteFile(p, 10)
+    for p in [
+        ".gitattributes",
+        "1_Pooling/config.json",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "onnx/model.onnx",
+        "openvino/openvino_model.xml",
+        "tf_model.h5",
+        "rust_model.ot",
+        "tokenizer.json",
+        "vocab.txt",
+        "modules.json",
+    ]
+]
 
 
 def test_gguf_repo_needs_a_choice_and_the_error_lists_the_files() -> None:
@@ -128,8 +151,9 @@ def test_quant_matches_whole_tokens_only() -> None:
 
 
 def test_a_single_gguf_needs_no_choice_and_a_file_is_taken_as_named() -> None:
-    files, model = select_files(parse_source("hf://o/r"), [RemoteFile("a.gguf", 5), RemoteFile("README.md", 1)],
-                                "llama.cpp")
+    files, model = select_files(
+        parse_source("hf://o/r"), [RemoteFile("a.gguf", 5), RemoteFile("README.md", 1)], "llama.cpp"
+    )
     assert model == "a.gguf" and len(files) == 1
     files, model = select_files(parse_source("hf://o/r/qwen2.5-0.5b-instruct-q8_0.gguf"), QWEN, "llama.cpp")
     assert model == "qwen2.5-0.5b-instruct-q8_0.gguf"
@@ -138,11 +162,19 @@ def test_a_single_gguf_needs_no_choice_and_a_file_is_taken_as_named() -> None:
 
 
 def test_snapshot_leaves_out_weights_no_runner_loads() -> None:
-    files, model = select_files(parse_source("hf://sentence-transformers/all-MiniLM-L6-v2"), MINILM,
-                                "sentence-transformers")
+    files, model = select_files(
+        parse_source("hf://sentence-transformers/all-MiniLM-L6-v2"), MINILM, "sentence-transformers"
+    )
     assert model == ""  # the snapshot folder
-    assert sorted(f.path for f in files) == ["1_Pooling/config.json", "README.md", "config.json", "model.safetensors",
-                                             "modules.json", "tokenizer.json", "vocab.txt"]
+    assert sorted(f.path for f in files) == [
+        "1_Pooling/config.json",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "tokenizer.json",
+        "vocab.txt",
+    ]
     # Without safetensors, pytorch_model.bin is the weights and stays.
     old = [f for f in MINILM if f.path != "model.safetensors"]
     assert "pytorch_model.bin" in [f.path for f in select_files(parse_source("hf://o/r"), old, "transformers")[0]]
@@ -174,11 +206,13 @@ def test_builtin_catalog_has_the_bundled_and_real_hub_models() -> None:
 
 def test_operator_catalog_adds_and_overrides(tmp_path) -> None:
     f = tmp_path / "cat.yaml"
-    f.write_text("models:\n"
-                 "  - {name: mine, source: 'hf://me/mine-GGUF:Q8_0', backend: llama.cpp,"
-                 "     size: 1.5 GiB, memory: 2GiB}\n"
-                 "  - {name: bge-small-en-v1.5, source: /models/bge, backend: sentence-transformers,"
-                 "     kind: embedding}\n")
+    f.write_text(
+        "models:\n"
+        "  - {name: mine, source: 'hf://me/mine-GGUF:Q8_0', backend: llama.cpp,"
+        "     size: 1.5 GiB, memory: 2GiB}\n"
+        "  - {name: bge-small-en-v1.5, source: /models/bge, backend: sentence-transformers,"
+        "     kind: embedding}\n"
+    )
     c = load_catalog(f)
     assert c["mine"].size == int(1.5 * GiB) and c["mine"].memory == 2 * GiB and c["mine"].origin == str(f)
     assert c["bge-small-en-v1.5"].source == "/models/bge"
@@ -210,9 +244,16 @@ def test_deploying_a_catalog_name_fills_what_the_request_leaves_out() -> None:
 
 
 def worker(wid: str, cached: list[str] | None = None, disk_free: int | None = None) -> WorkerRecord:
-    return WorkerRecord(id=wid, name=wid, address="10.0.0.1", port=8200, heartbeat_age=0.5,
-                        resources=Resources(cpu_cores=8, memory_total=16 * GiB, memory_free=16 * GiB,
-                                            cached_models=cached or [], disk_free=disk_free))
+    return WorkerRecord(
+        id=wid,
+        name=wid,
+        address="10.0.0.1",
+        port=8200,
+        heartbeat_age=0.5,
+        resources=Resources(
+            cpu_cores=8, memory_total=16 * GiB, memory_free=16 * GiB, cached_models=cached or [], disk_free=disk_free
+        ),
+    )
 
 
 def test_placement_prefers_a_worker_holding_the_model() -> None:

@@ -530,7 +530,9 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         if inst is None:
             raise ApiError(404, f"instance {instance_id} not found")
         w = await ctl.store.get_worker(inst.worker_id) if inst.worker_id else None
-        return instance_view(inst, is_alive(w.heartbeat_age, s.worker_ttl) if w else None)
+        view = instance_view(inst, is_alive(w.heartbeat_age, s.worker_ttl) if w else None)
+        attach_downloads([view], [w] if w else [])
+        return view
 
     @app.get("/v1/cluster/models")
     async def list_models(request: Request) -> dict[str, Any]:

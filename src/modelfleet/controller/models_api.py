@@ -45,9 +45,12 @@ def apply_catalog(body: DeploymentSpec, catalog: dict[str, CatalogEntry]) -> tup
     if entry is None:
         if body.catalog:
             raise ApiError(400, f"no catalog entry {name!r} (GET /v1/cluster/catalog lists them)", param="catalog")
-        raise ApiError(400, f"deployment {body.name} has no source, and no catalog entry is called {name!r}: give "
-                            "the model's source (a path, a bundled name, hf://, modelscope://, https://)",
-                       param="source")
+        raise ApiError(
+            400,
+            f"deployment {body.name} has no source, and no catalog entry is called {name!r}: give "
+            "the model's source (a path, a bundled name, hf://, modelscope://, https://)",
+            param="source",
+        )
     given = body.model_fields_set
     update: dict[str, Any] = {"params": {**entry.params, **body.params}}
     if "source" not in given or not body.source:
@@ -74,15 +77,19 @@ def infer_backend(plan: Plan) -> str:
     return "transformers"
 
 
-async def prepare_deployment(body: DeploymentSpec, catalog: dict[str, CatalogEntry], lookup_timeout: float
-                             ) -> Deployment:
+async def prepare_deployment(
+    body: DeploymentSpec, catalog: dict[str, CatalogEntry], lookup_timeout: float
+) -> Deployment:
     """The deployment to store for a create request (see the module docstring). Raises ApiError."""
     backend_given = "backend" in body.model_fields_set
     body, entry = apply_catalog(body, catalog)
     backend_given = backend_given or entry is not None
     if not body.source:
-        raise ApiError(400, "a deployment needs a source (a path, a bundled name, hf://, modelscope://, https://) "
-                            "or a catalog entry", param="source")
+        raise ApiError(
+            400,
+            "a deployment needs a source (a path, a bundled name, hf://, modelscope://, https://) or a catalog entry",
+            param="source",
+        )
     d = Deployment(**body.model_dump())
     if d.backend == "openai":
         return d  # the source is the attached server's URL
@@ -97,7 +104,8 @@ async def prepare_deployment(body: DeploymentSpec, catalog: dict[str, CatalogEnt
     try:
         plan = await asyncio.wait_for(
             asyncio.to_thread(plan_source, src, d.backend if backend_given else None, lookup_timeout),
-            lookup_timeout + 2)
+            lookup_timeout + 2,
+        )
     except FetchError as exc:
         if exc.kind == "ambiguous":
             raise ApiError(400, str(exc), param="source", code="ambiguous_source") from None
@@ -109,8 +117,9 @@ async def prepare_deployment(body: DeploymentSpec, catalog: dict[str, CatalogEnt
             d.backend = infer_backend(plan)
         if plan.total is not None:
             d.model_bytes = plan.total
-            d.model_bytes_from = (f"hub: {len(plan.files)} file(s), {_human(plan.total)}"
-                                  + (f" at {plan.revision[:12]}" if plan.revision and src.is_hub else ""))
+            d.model_bytes_from = f"hub: {len(plan.files)} file(s), {_human(plan.total)}" + (
+                f" at {plan.revision[:12]}" if plan.revision and src.is_hub else ""
+            )
             return d
         reason = "the source does not say its size"
     d.model_bytes = fallback
@@ -139,8 +148,9 @@ class PruneBody(BaseModel):
     source: str | None = Field(default=None, max_length=2000)
 
 
-async def call_worker(w: WorkerRecord, method: str, path: str, join_token: str | None, *,
-                      timeout_s: float = 10.0, **kwargs: Any) -> Any:
+async def call_worker(
+    w: WorkerRecord, method: str, path: str, join_token: str | None, *, timeout_s: float = 10.0, **kwargs: Any
+) -> Any:
     """Call a worker agent (``path`` under its root) and return its JSON; 502 when it does not
     answer, its own error status and message otherwise."""
     headers = {"authorization": f"Bearer {join_token}"} if join_token else {}
@@ -159,8 +169,9 @@ async def call_worker(w: WorkerRecord, method: str, path: str, join_token: str |
     return r.json()
 
 
-def models_router(ctl: Any, catalog: dict[str, CatalogEntry], join_token: str | None, admin: Any,
-                  cluster_read: Any) -> APIRouter:
+def models_router(
+    ctl: Any, catalog: dict[str, CatalogEntry], join_token: str | None, admin: Any, cluster_read: Any
+) -> APIRouter:
     router = APIRouter()
 
     async def worker(worker_id: str) -> WorkerRecord:
@@ -179,12 +190,12 @@ def models_router(ctl: Any, catalog: dict[str, CatalogEntry], join_token: str | 
         admin(request)
         try:
             if parse_source(body.source) is None:
-                raise ApiError(400, f"{body.source!r} is not a remote source (hf://, modelscope://, https://)",
-                               param="source")
+                raise ApiError(
+                    400, f"{body.source!r} is not a remote source (hf://, modelscope://, https://)", param="source"
+                )
         except SourceError as exc:
             raise ApiError(400, str(exc), param="source") from None
-        return await call_worker(await worker(worker_id), "POST", "/v1/models/pull", join_token,
-                                 json=body.model_dump())
+        return await call_worker(await worker(worker_id), "POST", "/v1/models/pull", join_token, json=body.model_dump())
 
     @router.get("/v1/cluster/workers/{worker_id}/models/downloads")
     async def downloads(worker_id: str, request: Request) -> dict[str, Any]:
@@ -199,7 +210,13 @@ def models_router(ctl: Any, catalog: dict[str, CatalogEntry], join_token: str | 
     @router.post("/v1/cluster/workers/{worker_id}/models/cache/prune")
     async def prune(worker_id: str, body: PruneBody, request: Request) -> dict[str, Any]:
         admin(request)
-        return await call_worker(await worker(worker_id), "POST", "/v1/models/cache/prune", join_token,
-                                 json=body.model_dump(), timeout_s=60.0)
+        return await call_worker(
+            await worker(worker_id),
+            "POST",
+            "/v1/models/cache/prune",
+            join_token,
+            json=body.model_dump(),
+            timeout_s=60.0,
+        )
 
     return router

@@ -107,11 +107,20 @@ class Download:
         rate = self.rate() if self.state == "downloading" else 0.0
         eta = (self.total - self.done) / rate if rate > 0 and self.total is not None else None
         return DownloadProgress(
-            source=self.source, backend=self.backend, instances=sorted(o for o in self.owners if o != PULL),
-            pulled=self.pinned, state=self.state, done=self.done, total=self.total, files=self.files,
-            rate=round(rate, 1), eta_s=round(eta, 1) if eta is not None else None,
-            elapsed_s=round((self.finished or time.monotonic()) - self.started, 1), error=self.error,
-            path=self.path)
+            source=self.source,
+            backend=self.backend,
+            instances=sorted(o for o in self.owners if o != PULL),
+            pulled=self.pinned,
+            state=self.state,
+            done=self.done,
+            total=self.total,
+            files=self.files,
+            rate=round(rate, 1),
+            eta_s=round(eta, 1) if eta is not None else None,
+            elapsed_s=round((self.finished or time.monotonic()) - self.started, 1),
+            error=self.error,
+            path=self.path,
+        )
 
 
 class DownloadManager:
@@ -198,8 +207,17 @@ class DownloadManager:
 
     # -- the download process --------------------------------------------------------
     async def _run(self, d: Download) -> None:
-        argv = [sys.executable, "-m", "modelfleet.worker.fetch", "--cache", str(self.cache.root),
-                "--source", d.source, "--timeout", str(self.timeout)]
+        argv = [
+            sys.executable,
+            "-m",
+            "modelfleet.worker.fetch",
+            "--cache",
+            str(self.cache.root),
+            "--source",
+            d.source,
+            "--timeout",
+            str(self.timeout),
+        ]
         if d.backend:
             argv += ["--backend", d.backend]
         from modelfleet.worker.supervisor import runner_environ  # the same secret-free environment as runners
@@ -209,12 +227,18 @@ class DownloadManager:
             self.cache.root.mkdir(parents=True, exist_ok=True)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("ab") as logf:
-                logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} fetch {d.source} ({d.backend or 'any'})\n"
-                           .encode())
+                logf.write(
+                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} fetch {d.source} ({d.backend or 'any'})\n".encode()
+                )
                 logf.flush()
                 d.proc = await asyncio.create_subprocess_exec(
-                    *with_parent_death_signal(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=logf, env={**runner_environ(), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                    *with_parent_death_signal(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=logf,
+                    env={**runner_environ(), "PYTHONUNBUFFERED": "1"},
+                    start_new_session=True,
+                )
             assert d.proc.stdout is not None
             last: dict[str, Any] = {}
             async for raw in d.proc.stdout:
@@ -233,8 +257,13 @@ class DownloadManager:
                 secs = time.monotonic() - d.started
                 got = int(last.get("downloaded") or 0)
                 if got:
-                    log.info("download %s done: %s in %.1f s (%s/s)", d.source, _human(got), secs,
-                             _human(got / secs if secs > 0 else 0))
+                    log.info(
+                        "download %s done: %s in %.1f s (%s/s)",
+                        d.source,
+                        _human(got),
+                        secs,
+                        _human(got / secs if secs > 0 else 0),
+                    )
             else:
                 kind = str(last.get("kind") or "io")
                 msg = str(last.get("message") or f"the download process exited with code {rc}; see {self.log_path}")
@@ -266,8 +295,13 @@ class DownloadManager:
             d.done = d.present = int(ev.get("done") or 0)
             d.state = "downloading"
             if d.total is None or d.present < d.total:
-                log.info("download %s started: %d file(s), %s%s", d.source, d.files, _human(d.total),
-                         f", {_human(d.present)} already on disk" if d.present else "")
+                log.info(
+                    "download %s started: %d file(s), %s%s",
+                    d.source,
+                    d.files,
+                    _human(d.total),
+                    f", {_human(d.present)} already on disk" if d.present else "",
+                )
             WORKER_DOWNLOAD_SIZE.labels(d.source).set(d.total or 0)
         elif kind == "progress":
             done = int(ev.get("done") or 0)

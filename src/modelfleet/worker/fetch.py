@@ -50,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     def on_plan(plan: Plan, present: int) -> None:
         nonlocal done
         done = present
-        emit("plan", files=len(plan.files), total=plan.total, done=present, revision=plan.revision,
-             model_path=plan.model_path)
+        emit(
+            "plan",
+            files=len(plan.files),
+            total=plan.total,
+            done=present,
+            revision=plan.revision,
+            model_path=plan.model_path,
+        )
 
     def progress(n: int) -> None:
         nonlocal done, last
@@ -62,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             emit("progress", done=done)
 
     try:
-        entry, downloaded = ModelCache(Path(args.cache)).fetch(args.source, args.backend or None, on_plan=on_plan,
-                                                               progress=progress, timeout=args.timeout)
+        entry, downloaded = ModelCache(Path(args.cache)).fetch(
+            args.source, args.backend or None, on_plan=on_plan, progress=progress, timeout=args.timeout
+        )
     except FetchError as exc:
         emit("error", kind=exc.kind, message=exc.message)
         return 2

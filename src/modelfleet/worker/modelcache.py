@@ -75,9 +75,16 @@ class CacheEntry:
     complete: bool
 
     def view(self) -> dict[str, Any]:
-        return {"source": self.source, "path": str(self.path), "bytes": self.bytes, "files": len(self.files),
-                "revision": self.revision, "completed_at": self.completed_at, "last_used": self.last_used,
-                "complete": self.complete}
+        return {
+            "source": self.source,
+            "path": str(self.path),
+            "bytes": self.bytes,
+            "files": len(self.files),
+            "revision": self.revision,
+            "completed_at": self.completed_at,
+            "last_used": self.last_used,
+            "complete": self.complete,
+        }
 
 
 class ModelCache:
@@ -107,10 +114,17 @@ class ModelCache:
             folder = self.root / data["folder"]
             files = list(data["files"])
             complete = all(_size_of(folder / f["path"]) == f.get("size", _size_of(folder / f["path"])) for f in files)
-            return CacheEntry(source=data["source"], path=folder / data["model_path"] if data["model_path"] else folder,
-                              folder=folder, files=files, bytes=int(data.get("bytes") or 0),
-                              revision=data.get("revision", ""), completed_at=float(data.get("completed_at") or 0),
-                              last_used=float(data.get("last_used") or 0), complete=complete)
+            return CacheEntry(
+                source=data["source"],
+                path=folder / data["model_path"] if data["model_path"] else folder,
+                folder=folder,
+                files=files,
+                bytes=int(data.get("bytes") or 0),
+                revision=data.get("revision", ""),
+                completed_at=float(data.get("completed_at") or 0),
+                last_used=float(data.get("last_used") or 0),
+                complete=complete,
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -139,12 +153,17 @@ class ModelCache:
 
     def write_manifest(self, plan: Plan, folder: Path) -> CacheEntry:
         data = {
-            "source": plan.source.canonical, "folder": str(folder.relative_to(self.root)),
-            "model_path": plan.model_path, "revision": plan.revision,
-            "files": [{"path": f.path, "size": _size_of(folder / f.path), "sha256": f.sha256, "git_sha1": f.git_sha1}
-                      for f in plan.files],
+            "source": plan.source.canonical,
+            "folder": str(folder.relative_to(self.root)),
+            "model_path": plan.model_path,
+            "revision": plan.revision,
+            "files": [
+                {"path": f.path, "size": _size_of(folder / f.path), "sha256": f.sha256, "git_sha1": f.git_sha1}
+                for f in plan.files
+            ],
             "bytes": sum(_size_of(folder / f.path) or 0 for f in plan.files),
-            "completed_at": time.time(), "last_used": time.time(),
+            "completed_at": time.time(),
+            "last_used": time.time(),
         }
         path = self.manifest_path(plan.source.canonical)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +178,9 @@ class ModelCache:
         kept source shares stay. With ``partials``, unfinished downloads nobody holds a lock
         on go too. Returns what was removed and how many bytes were freed."""
         entries = self.entries()
-        kept_files = {e.folder / f["path"] for e in entries if e.source in keep or (only and e.source != only)
-                      for f in e.files}
+        kept_files = {
+            e.folder / f["path"] for e in entries if e.source in keep or (only and e.source != only) for f in e.files
+        }
         removed, freed = [], 0
         for e in entries:
             if e.source in keep or (only is not None and e.source != only):
@@ -201,8 +221,15 @@ class ModelCache:
                     d.rmdir()  # only empty ones go
 
     # -- fetch -----------------------------------------------------------------------
-    def fetch(self, source: str, backend: str | None, *, on_plan: Callable[[Plan, int], None] | None = None,
-              progress: Progress | None = None, timeout: float = DEFAULT_TIMEOUT) -> tuple[CacheEntry, int]:
+    def fetch(
+        self,
+        source: str,
+        backend: str | None,
+        *,
+        on_plan: Callable[[Plan, int], None] | None = None,
+        progress: Progress | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> tuple[CacheEntry, int]:
         """Make ``source`` complete in the cache. Returns its entry and the bytes downloaded
         now (0 when it was all there). A hub that cannot be reached is not an error when the
         source is complete in the cache already (its last known revision is used)."""
@@ -234,9 +261,12 @@ class ModelCache:
             probe = probe.parent
         free = shutil.disk_usage(probe).free
         if need > max(0, free - DISK_RESERVE):
-            raise FetchError("disk", f"{src.display}: not enough disk space: {_gib(need)} to download, "
-                                     f"{_gib(free)} free in {self.root} (keeping {_gib(DISK_RESERVE)} spare); "
-                                     "free some with `modelfleet cache prune`")
+            raise FetchError(
+                "disk",
+                f"{src.display}: not enough disk space: {_gib(need)} to download, "
+                f"{_gib(free)} free in {self.root} (keeping {_gib(DISK_RESERVE)} spare); "
+                "free some with `modelfleet cache prune`",
+            )
 
     def fetch_file(self, plan: Plan, f: RemoteFile, target: Path, progress: Progress, timeout: float) -> int:
         """One file into place, verified. Returns the bytes downloaded (0 if it was there)."""
@@ -268,8 +298,16 @@ class ModelCache:
             lock.release()
 
 
-def _download(src: RemoteSource, f: RemoteFile, req: FileRequest, target: Path, partial: Path, progress: Progress,
-              reported: int, timeout: float) -> int:
+def _download(
+    src: RemoteSource,
+    f: RemoteFile,
+    req: FileRequest,
+    target: Path,
+    partial: Path,
+    progress: Progress,
+    reported: int,
+    timeout: float,
+) -> int:
     """Download ``f`` into ``partial`` (resuming it), verify it, rename it to ``target``."""
     meta_path = partial.with_name(partial.name + ".json")
     identity = {"url": req.url if not src.is_hub else "", "size": f.size, "sha256": f.sha256, "git_sha1": f.git_sha1}
@@ -305,15 +343,19 @@ def _download(src: RemoteSource, f: RemoteFile, req: FileRequest, target: Path, 
             except (httpx.TransportError, _ShortBody) as exc:
                 attempts += 1
                 if attempts > TRANSIENT_RETRIES:
-                    raise FetchError("network", f"{src.display}: {f.path}: the download kept failing after "
-                                                f"{_gib(have)}: {type(exc).__name__}: {exc}") from None
+                    raise FetchError(
+                        "network",
+                        f"{src.display}: {f.path}: the download kept failing after "
+                        f"{_gib(have)}: {type(exc).__name__}: {exc}",
+                    ) from None
                 have = _size_of(partial) or 0
-                time.sleep(min(2 ** attempts, 10))
+                time.sleep(min(2**attempts, 10))
     expected = f.size if f.size is not None else meta.get("total")
     if expected is not None and have != expected:
         partial.unlink(missing_ok=True)
-        raise FetchError("size", f"{src.display}: {f.path}: got {have} bytes, expected {expected}; the partial "
-                                 "download was deleted")
+        raise FetchError(
+            "size", f"{src.display}: {f.path}: got {have} bytes, expected {expected}; the partial download was deleted"
+        )
     if digest is not None:
         got = digest.hexdigest()
         want = f.sha256 or f.git_sha1
@@ -321,8 +363,11 @@ def _download(src: RemoteSource, f: RemoteFile, req: FileRequest, target: Path, 
             partial.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
             algo = "sha256" if f.sha256 else "git blob sha1"
-            raise FetchError("checksum", f"{src.display}: {f.path}: checksum mismatch: expected {algo} {want}, "
-                                         f"got {got}; the download was deleted")
+            raise FetchError(
+                "checksum",
+                f"{src.display}: {f.path}: checksum mismatch: expected {algo} {want}, "
+                f"got {got}; the download was deleted",
+            )
     with partial.open("rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(partial, target)
@@ -338,8 +383,18 @@ class _ShortBody(Exception):
     """The connection ended before the announced length: resume."""
 
 
-def _transfer(client: httpx.Client, src: RemoteSource, f: RemoteFile, req: FileRequest, partial: Path,
-              meta: dict[str, Any], meta_path: Path, have: int, digest: Any, progress: Progress) -> tuple[int, int]:
+def _transfer(
+    client: httpx.Client,
+    src: RemoteSource,
+    f: RemoteFile,
+    req: FileRequest,
+    partial: Path,
+    meta: dict[str, Any],
+    meta_path: Path,
+    have: int,
+    digest: Any,
+    progress: Progress,
+) -> tuple[int, int]:
     """One GET (following redirects by hand, so credentials never reach another host);
     returns (bytes in the partial file, bytes received)."""
     headers = {**req.headers, "accept-encoding": "identity"}
@@ -378,8 +433,9 @@ def _transfer(client: httpx.Client, src: RemoteSource, f: RemoteFile, req: FileR
                 meta["total"] = int(r.headers["content-length"])
             total = meta.get("total")
             if f.size is not None and total is not None and total != f.size:
-                raise FetchError("size", f"{src.display}: {f.path}: the server sends {total} bytes, the listing "
-                                         f"says {f.size}")
+                raise FetchError(
+                    "size", f"{src.display}: {f.path}: the server sends {total} bytes, the listing says {f.size}"
+                )
             if r.headers.get("etag"):
                 meta["etag"] = r.headers["etag"]
             _write_json(meta_path, meta)
@@ -391,8 +447,9 @@ def _transfer(client: httpx.Client, src: RemoteSource, f: RemoteFile, req: FileR
                         out.write(chunk)
                     except OSError as exc:
                         if exc.errno == errno.ENOSPC:
-                            raise FetchError("disk", f"{src.display}: {f.path}: disk full after "
-                                                     f"{_gib(start + received)} ({exc})") from None
+                            raise FetchError(
+                                "disk", f"{src.display}: {f.path}: disk full after {_gib(start + received)} ({exc})"
+                            ) from None
                         raise
                     if digest is not None:
                         digest.update(chunk)
