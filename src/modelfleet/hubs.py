@@ -79,6 +79,10 @@ def _server_message(response: httpx.Response) -> str:
     return " ".join(message.split())[:300]
 
 
+def _unreachable(src: RemoteSource, where: str, exc: Exception) -> FetchError:
+    return FetchError("network", f"{src.display}: cannot reach {where}: {type(exc).__name__}: {exc}")
+
+
 def http_error(src: RemoteSource, response: httpx.Response, what: str) -> FetchError:
     """A FetchError for an HTTP error answer about ``what`` (a file or the listing)."""
     status = response.status_code
@@ -220,9 +224,7 @@ def list_modelscope(src: RemoteSource, timeout: float) -> tuple[str, list[Remote
     try:
         r = httpx.get(url, params=params, headers=_modelscope_headers(), timeout=timeout, follow_redirects=True)
     except httpx.HTTPError as exc:
-        raise FetchError(
-            "network", f"{src.display}: cannot reach ModelScope at {modelscope_endpoint()}: {type(exc).__name__}: {exc}"
-        ) from None
+        raise _unreachable(src, f"ModelScope at {modelscope_endpoint()}", exc) from None
     if r.status_code >= 400:
         raise http_error(src, r, "repository listing")
     try:
@@ -273,9 +275,7 @@ def probe_url(src: RemoteSource, timeout: float) -> RemoteFile:
             elif r.status_code < 400 and r.headers.get("content-length", "").isdigit():
                 size = int(r.headers["content-length"])
     except httpx.HTTPError as exc:
-        raise FetchError(
-            "network", f"{src.display}: cannot reach {urlsplit(src.url).netloc}: {type(exc).__name__}: {exc}"
-        ) from None
+        raise _unreachable(src, urlsplit(src.url).netloc, exc) from None
     if r.status_code >= 400:
         raise http_error(src, r, "file")
     return RemoteFile(path=url_file_name(src), size=size, sha256=src.sha256, url=src.url)

@@ -401,13 +401,20 @@ class FakeHub:
             status=status,
         )
 
-    async def ms_files(self, request: web.Request) -> web.Response:
+    def _ms_repo(self, request: web.Request) -> Repo | web.Response:
+        """The ModelScope repo a request names, or the error the service answers."""
         self._note(request)
         repo = self._repo("modelscope", request)
         if repo is None:
             return self._ms_error(404, "model not found")
         if repo.private and not self._authorized(request):
             return self._ms_error(401, "no permission to access this model, please login")
+        return repo
+
+    async def ms_files(self, request: web.Request) -> web.Response:
+        repo = self._ms_repo(request)
+        if not isinstance(repo, Repo):
+            return repo
         files = [
             {
                 "Name": Path(p).name,
@@ -423,12 +430,9 @@ class FakeHub:
         return web.json_response({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
 
     async def ms_file(self, request: web.Request) -> web.StreamResponse:
-        self._note(request)
-        repo = self._repo("modelscope", request)
-        if repo is None:
-            return self._ms_error(404, "model not found")
-        if repo.private and not self._authorized(request):
-            return self._ms_error(401, "no permission to access this model, please login")
+        repo = self._ms_repo(request)
+        if not isinstance(repo, Repo):
+            return repo
         path = request.query.get("FilePath", "")
         blob = repo.files.get(path)
         if blob is None:
