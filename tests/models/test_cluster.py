@@ -202,6 +202,7 @@ def test_replacement_replica_starts_from_a_worker_that_holds_the_file(fleet: Fle
     wait_for(lambda: SMOL in fleet.worker_record("w3")["resources"]["cached_models"], 10, what="w3 reports it")
 
     fleet.workers["w1"].kill()  # kill -9: its replica is moved after the grace period
+    wait_for(lambda: all(i["worker_id"] != "w1" for i in fleet.instances("smol")), 60, what="the replica off w1")
     ready = fleet.ready("smol", 2)
     assert sorted(i["worker_id"] for i in ready) == ["w2", "w3"]
     assert hub.downloads(SMOL_KEY) == 3  # the replacement started from w3's cache

@@ -84,6 +84,7 @@ class Download:
     total: int | None = None
     files: int = 0
     present: int = 0  # bytes already on disk when it started
+    counted: int = 0  # bytes counted in the received-bytes metric so far
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     error: str | None = None
@@ -307,7 +308,12 @@ class DownloadManager:
             done = int(ev.get("done") or 0)
             if done > d.done:
                 WORKER_DOWNLOADED_BYTES.inc(done - d.done)
+                d.counted += done - d.done
             d.done = done
+        elif kind == "done":
+            # Progress lines are thinned out: count the bytes received since the last one.
+            WORKER_DOWNLOADED_BYTES.inc(max(0, int(ev.get("downloaded") or 0) - d.counted))
+            d.done = int(ev.get("bytes") or d.done)
         else:
             return
         d.samples.append((now, d.done))
