@@ -123,23 +123,7 @@ def fleet(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
         env=env,
     )
     gateway = f"http://127.0.0.1:{gport}"
-    procs.start(
-        "gateway",
-        [
-            *MODELFLEET,
-            "gateway",
-            "--controller",
-            ctl,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(gport),
-            "--snapshot-path",
-            str(home / "routes.json"),
-        ],
-        env=env,
-        ready_url=f"{gateway}/health/live",
-    ).wait_ready(60)
+    procs.gateway("gateway", gport, ctl, home / "routes.json", env=env)
     f = Fleet(ctl=ctl, gateway=gateway, home=home, procs=procs, env=env)
     f.start_worker("w1")
     f.start_worker("w2")

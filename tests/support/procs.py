@@ -111,6 +111,13 @@ class Procs:
                                  "--host", host, "--address", address, "--port", str(port), *extra],
                           env=env, ready_url=f"http://{address}:{port}/health/ready", netns=netns)
 
+    def gateway(self, name: str, port: int, controllers: str, snapshot: Path, *extra: str,
+                env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Proc:
+        """A gateway, waited for until it answers /health/live."""
+        return self.start(name, [*MODELFLEET, "gateway", "--controller", controllers, "--host", host, "--port",
+                                 str(port), "--snapshot-path", str(snapshot), *extra],
+                          env=env, ready_url=f"http://{host}:{port}/health/live").wait_ready(60)
+
     def stop_all(self) -> None:
         for p in reversed(self.all):
             p.stop()
