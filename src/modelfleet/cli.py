@@ -30,6 +30,8 @@ models_app = typer.Typer(help="Models the cluster serves (no subcommand); `model
 app.add_typer(models_app, name="models")
 cache_app = typer.Typer(help="The workers' model caches: list (no subcommand) and prune.")
 app.add_typer(cache_app, name="cache")
+store_app = typer.Typer(help="The cluster's store: accept it after it lost its state.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 # Piped output keeps whole rows (rich would wrap at 80 columns when not on a terminal).
 console = Console() if sys.stdout.isatty() else Console(width=240)
 err_console = Console(stderr=True)
@@ -159,6 +161,11 @@ def controller(
     source_lookup_timeout: Annotated[
         float, typer.Option(envvar="MODELFLEET_SOURCE_LOOKUP_TIMEOUT", help="Seconds to ask a hub for a model's size.")
     ] = 5.0,
+    allow_volatile_store: Annotated[
+        bool, typer.Option("--allow-volatile-store", envvar="MODELFLEET_ALLOW_VOLATILE_STORE",
+                           help="Run on a Redis with neither RDB snapshots nor AOF (a restart of it loses "
+                                "every deployment and key).")
+    ] = False,
     log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a controller: cluster state in a store, answers workers and gateways."""
@@ -178,6 +185,7 @@ def controller(
             missed_heartbeats=missed_heartbeats,
             lease_ttl=lease_ttl, controller_id=controller_id, reschedule_grace=grace,
             moves_per_minute=moves_per_minute, catalog=catalog, source_lookup_timeout=source_lookup_timeout,
+            allow_volatile_store=allow_volatile_store,
         )
     )
 
@@ -720,6 +728,38 @@ def keys_revoke(key_id: str, controller: ControllerOpt = DEFAULT_CONTROLLER,
     """Revoke an API key: every gateway refuses it after its next route refresh."""
     call(client(controller, admin_token, admin_token_file).request, "DELETE", f"/v1/cluster/keys/{key_id}")
     console.print(f"revoked {key_id}")
+
+
+@keys_app.command("open")
+def keys_open(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None) -> None:
+    """Let inference run WITHOUT an API key again (refused while a key is not revoked).
+
+    Once a key was created, inference needs one even when every key is revoked or the key
+    table is lost: opening it is this explicit act, logged by the controller."""
+    call(client(controller, admin_token).request, "POST", "/v1/cluster/keys/open")
+    console.print("inference is OPEN: gateways serve requests without an API key after their next refresh")
+
+
+@store_app.command("accept")
+def store_accept(
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None, as_json: JsonOpt = False,
+    replaces: Annotated[str | None, typer.Option(
+        help="Cluster id the gateways still serve (their log names it), when no running controller knows it.")
+    ] = None,
+) -> None:
+    """Serve the store as it is now, after it lost its state (controllers refuse it until then).
+
+    Deployments and keys it lost are gone: deploy again. Gateways take the new store's tables;
+    API keys stay required if they were."""
+    params = {"replaces": replaces} if replaces else None
+    data = call(client(controller, admin_token).request, "POST", "/v1/cluster/store/accept", params=params)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    elif data["accepted"]:
+        console.print(f"accepted: cluster {data['cluster_id']} replaces {', '.join(data['replaces'])} "
+                      f"(auth {data['auth']})")
+    else:
+        console.print(f"nothing to accept: the store shows cluster {data['cluster_id']}")
 
 
 def main() -> None:

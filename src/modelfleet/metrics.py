@@ -18,6 +18,14 @@ CONTROLLER_WORKERS = Gauge("modelfleet_controller_workers", "Workers known to th
 CONTROLLER_IS_LEADER = Gauge("modelfleet_controller_is_leader", "1 while this controller holds the lease")
 CONTROLLER_LEASE_TOKEN = Gauge("modelfleet_controller_lease_fencing_token", "Fencing token of the held lease")
 CONTROLLER_STORE_UP = Gauge("modelfleet_controller_store_up", "1 while the store answers and is migrated")
+CONTROLLER_STORE_LOST = Gauge(
+    "modelfleet_controller_store_state_lost",
+    "1 while the store does not show the cluster identity this controller serves (it lost its state)",
+)
+CONTROLLER_OUTAGE_FORGIVEN = Counter(
+    "modelfleet_controller_outage_seconds_forgiven_total",
+    "Seconds without any heartbeat in the store, left out of worker ages (record_outage)",
+)
 CONTROLLER_REVISION = Gauge("modelfleet_controller_routing_revision", "Last routing revision seen")
 CONTROLLER_ROUTE_WAITERS = Gauge("modelfleet_controller_route_waiters", "Gateways long-polling routes now")
 CONTROLLER_GC_DELETED = Counter("modelfleet_controller_gc_workers_deleted_total", "Long-dead workers deleted")

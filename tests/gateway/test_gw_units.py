@@ -18,13 +18,17 @@ from modelfleet.gateway.pool import Inst, NoInstance, Overloaded, Pool
 from modelfleet.gateway.proxy import can_retry, sse_error, usage_tokens
 from modelfleet.gateway.routes import (
     EMPTY,
+    ClusterMemory,
     Freshness,
     Grace,
     is_ready,
+    judge_table,
     keep_missing,
     load_snapshot,
     parse_routes,
+    remember,
     save_snapshot,
+    sudden_loss,
 )
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats, outcome
@@ -195,12 +199,71 @@ def test_keep_missing_and_grace() -> None:
     assert not g.active(161.0, 8)  # 10 TTLs: over whatever happens
 
 
+def table_of(revision: int, instances: dict[str, list[str]], cluster: str = "c-1", **extra: object):
+    return parse_routes({"revision": revision, "cluster_id": cluster, **extra, "models": [
+        {"name": m, "instances": [{"id": i, "endpoint": f"http://h/{i}"} for i in ids]}
+        for m, ids in instances.items()]})
+
+
+def test_judge_table_refuses_another_cluster_and_older_revisions() -> None:
+    mem = ClusterMemory("c-1", 100, auth_required=False)
+    assert judge_table(mem, table_of(101, {})) is None
+    assert judge_table(mem, table_of(100, {})) is None
+    assert "below 100" in (judge_table(mem, table_of(99, {})) or "")
+    lost = judge_table(mem, table_of(5, {}, cluster="c-2"))
+    assert lost and "cluster c-2" in lost and "modelfleet store accept --replaces c-1" in lost
+    # An operator accepted the new store: it replaces ours, whatever its revision.
+    assert judge_table(mem, table_of(5, {}, cluster="c-2", replaces=["c-0", "c-1"])) is None
+    assert judge_table(ClusterMemory(), table_of(1, {}, cluster="c-9")) is None  # first table ever
+    assert judge_table(mem, table_of(1, {}, cluster="")) is None  # a controller without identities
+
+
+def test_remember_keeps_keys_required_until_opened() -> None:
+    keyed = table_of(1, {}, api_keys=[{"id": "k", "secret_hash": "ab" * 32}], auth="required")
+    served, mem = remember(ClusterMemory(), keyed)
+    assert served.auth_required and mem == ClusterMemory("c-1", 1, True)
+    # The key table is suddenly empty (a store that lost it, a controller that says "none"):
+    empty = table_of(2, {}, auth_required=False, auth="none")
+    served, mem = remember(mem, empty)
+    assert served.auth_required and served.key_hashes == frozenset() and mem.auth_required
+    assert not key_allowed(None, served.key_hashes, served.auth_required)
+    # ... also across an accepted store (another cluster id).
+    served, mem = remember(mem, table_of(3, {}, cluster="c-2", auth_required=False, auth="none"))
+    assert served.auth_required and mem == ClusterMemory("c-2", 3, True)
+    # Only an admin's explicit act opens it.
+    served, mem = remember(mem, table_of(4, {}, cluster="c-2", auth_required=False, auth="opened"))
+    assert not served.auth_required and not mem.auth_required
+    assert key_allowed(None, served.key_hashes, served.auth_required)
+
+
+def test_sudden_loss_is_the_panic_rule_for_routes() -> None:
+    four = table_of(1, {"m": ["a", "b", "c"], "n": ["d"]})
+    assert sudden_loss(four, table_of(2, {"m": ["a", "b"], "n": ["d"]})) is None  # 1 of 4
+    assert sudden_loss(four, table_of(2, {"m": ["a"], "n": ["d"]})) is None  # half: not more than half
+    assert sudden_loss(four, table_of(2, {"m": ["a"], "n": []})) == "3 of 4 routable instances would vanish at once"
+    assert sudden_loss(four, table_of(2, {"m": [], "n": []})) == "4 of 4 routable instances would vanish at once"
+    # A model deleted on purpose does not count; neither do single-instance clusters.
+    assert sudden_loss(four, table_of(2, {"n": ["d"]})) is None
+    assert sudden_loss(table_of(1, {"m": ["a"]}), table_of(2, {"m": []})) is None
+    # Draining instances take no new requests: they are not counted as routable.
+    draining = parse_routes({"revision": 1, "models": [{"name": "m", "instances": [
+        {"id": i, "endpoint": "http://h", "enabled": i == "a"} for i in ("a", "b", "c")]}]})
+    assert sudden_loss(draining, table_of(2, {"m": ["b", "c"]})) is None  # 1 of 1 routable: too few
+
+
 def test_snapshot_roundtrip_is_atomic(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "routes.json"
     assert load_snapshot(path) is None
     save_snapshot(path, PAYLOAD, 123.0)
-    table, fetched = load_snapshot(path)  # type: ignore[misc]
+    table, fetched, memory = load_snapshot(path)  # type: ignore[misc]
     assert fetched == 123.0 and table.revision == 7
+    assert memory == ClusterMemory("", 7, True)  # an old snapshot: the memory comes from its table
+    # The memory goes with the table: a cluster that required keys still does after a restart,
+    # even if the table saved with it says otherwise.
+    open_table = {**PAYLOAD, "cluster_id": "c-1", "api_keys": [], "auth_required": False, "auth": "none"}
+    save_snapshot(path, open_table, 124.0, ClusterMemory("c-1", 7, auth_required=True))
+    table, _, memory = load_snapshot(path)  # type: ignore[misc]
+    assert memory == ClusterMemory("c-1", 7, True) and table.auth_required and table.cluster_id == "c-1"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert [p.name for p in path.parent.iterdir()] == ["routes.json"]  # no temp file left
     path.write_text("{garbage")
@@ -385,3 +448,34 @@ async def test_requests_waiting_on_a_removed_instance_are_cut_loose() -> None:
     await asyncio.sleep(0.05)
     assert not t_stays.done()
     t_stays.cancel()
+
+
+async def test_apply_holds_a_sudden_loss_until_the_revision_moves_after_a_ttl() -> None:
+    from modelfleet.gateway.api import GatewayApp
+
+    app = GatewayApp(GatewaySettings(controllers="", snapshot_path=""))
+    ttl = 0.3
+    key = [{"id": "k", "secret_hash": "ab" * 32}]
+
+    def served() -> set[str]:
+        return {i.id for insts in app.table.models.values() for i in insts}
+
+    app._apply(table_of(1, {"m": ["a", "b", "c"]}, heartbeat_ttl=ttl, api_keys=key))
+    app._apply(table_of(2, {"m": ["a"]}, heartbeat_ttl=ttl, api_keys=[]))  # 2 of 3 vanish at once: held
+    assert served() == {"a", "b", "c"} and app.table.revision == 2
+    assert app.table.key_hashes == frozenset()  # keys follow at once: a revocation is never delayed
+    await asyncio.sleep(ttl + 0.2)
+    assert served() == {"a", "b", "c"}  # a TTL has passed, but the revision has not moved since
+    app._apply(table_of(3, {"m": ["a"]}, heartbeat_ttl=ttl))  # moved, still gone: believed
+    assert served() == {"a"}
+    app._apply(table_of(4, {"m": ["a", "b"]}, heartbeat_ttl=ttl))
+    app._apply(table_of(5, {"m": ["b"]}, heartbeat_ttl=ttl))  # 1 of 2: not more than half, believed at once
+    assert served() == {"b"}
+    # The hold also ends on its own when the revision moved during the TTL.
+    app._apply(table_of(6, {"m": ["a", "b", "c", "d"]}, heartbeat_ttl=ttl))
+    app._apply(table_of(7, {"m": []}, heartbeat_ttl=ttl))
+    app._apply(table_of(8, {"m": ["d"]}, heartbeat_ttl=ttl))
+    assert served() == {"a", "b", "c", "d"}
+    await asyncio.sleep(ttl + 0.2)
+    assert served() == {"d"} and app.table.revision == 8
+    app.proxy.stop()

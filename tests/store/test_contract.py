@@ -563,3 +563,156 @@ async def test_url_to_a_missing_database_is_a_config_error(backend: str, store_u
         assert "s3cr3t" not in str(err.value)
     finally:
         await s.close()
+
+
+# -- identity, auth state, liveness across outages, revision floor ---------------------------
+async def test_cluster_identity_is_written_once_and_revision_starts_at_the_time_in_ms(
+    make_store: Callable[[], Store],
+) -> None:
+    started_ms = int(time.time() * 1000)
+    a, b = make_store(), make_store()
+    assert (await a.get_cluster_meta()).cluster_id is None  # never migrated: no identity
+    await asyncio.gather(a.migrate(), b.migrate())
+    meta = await a.get_cluster_meta()
+    assert meta.cluster_id and len(meta.cluster_id) >= 16
+    assert (meta.auth, meta.replaces) == ("none", ())
+    await b.migrate()
+    assert (await b.get_cluster_meta()).cluster_id == meta.cluster_id  # written once, seen by all
+    # A fresh store's revision starts at the time in ms: far above any revision a reader of a
+    # store that lost its state can hold.
+    assert started_ms - 60_000 <= await a.get_revision() <= int(time.time() * 1000) + 60_000
+
+
+async def test_auth_state_once_required_stays_required_until_opened(store: Store) -> None:
+    assert (await store.get_cluster_meta()).auth == "none"
+    await store.create_api_key(ApiKey(id="k1", name="ops", secret_hash="ab" * 32))
+    assert (await store.get_cluster_meta()).auth == "required"
+    await store.revoke_api_key("k1")
+    assert (await store.get_cluster_meta()).auth == "required"  # no key left: still closed
+    rev = await store.get_revision()
+    await store.open_inference()
+    assert (await store.get_cluster_meta()).auth == "opened"
+    assert await store.get_revision() == rev + 1  # gateways learn it on their next refresh
+    await store.create_api_key(ApiKey(id="k2", name="ops", secret_hash="cd" * 32))
+    assert (await store.get_cluster_meta()).auth == "required"
+
+
+async def test_record_accepted_keeps_the_lineage_and_auth(store: Store) -> None:
+    rev = await store.get_revision()
+    await store.record_accepted("old-cluster", auth_required=True)
+    await store.record_accepted("old-cluster", auth_required=True)
+    await store.record_accepted("older", auth_required=False)
+    meta = await store.get_cluster_meta()
+    assert meta.replaces == ("old-cluster", "older") and meta.auth == "required"
+    assert await store.get_revision() == rev + 3
+
+
+async def test_advance_revision_only_raises(two_stores: tuple[Store, Store]) -> None:
+    a, b = two_stores
+    rev = await a.get_revision()
+    assert await a.advance_revision(rev - 5) == rev
+    assert await b.advance_revision(rev + 1000) == rev + 1000
+    assert await a.get_revision() == rev + 1000
+    assert await a.bump_revision() == rev + 1001
+
+
+async def test_outage_time_does_not_count_against_workers(two_stores: tuple[Store, Store]) -> None:
+    """Two controllers regain the store after an outage: the time no heartbeat could land is
+    left out of every age (counted once), a worker dead before the outage stays as old as it
+    was, and the GC uses the same ages."""
+    a, b = two_stores
+    await a.heartbeat(worker("dead"))
+    await asyncio.sleep(0.8)
+    await a.heartbeat(worker(1))
+    await b.heartbeat(worker(2))
+    assert await a.record_outage() < 0.3  # heartbeats just landed: no outage to forgive
+    before = {w.id: w for w in await a.list_workers()}
+
+    await asyncio.sleep(1.0)  # the outage: no heartbeat lands anywhere
+    added = await a.record_outage()
+    assert 0.9 <= added < 2.0, added
+    assert await b.record_outage() < 0.2  # the same outage, seen by the second controller
+    ages = {w.id: w.heartbeat_age for w in await b.list_workers()}
+    assert ages["w1"] < 0.3 and ages["w2"] < 0.3, ages
+    assert 0.7 <= ages["wdead"] < 1.3, ages  # it was 0.8 s silent before the outage, and still is
+    w2 = await a.get_worker("w2")
+    assert w2 is not None and w2.heartbeat_age < 0.3
+    assert w2.last_heartbeat == before["w2"].last_heartbeat  # the heartbeat time itself is untouched
+
+    await asyncio.sleep(0.3)
+    await a.heartbeat(worker(1))
+    ages = {w.id: w.heartbeat_age for w in await a.list_workers()}
+    assert ages["w1"] < 0.2 and 0.25 <= ages["w2"] < 0.8, ages
+    # Raw ages: w2 1.3 s, wdead 2.1 s. Without the outage: 0.3 s and 1.1 s.
+    assert await b.delete_dead_workers(0.9) == ["wdead"]
+    assert sorted(w.id for w in await a.list_workers()) == ["w1", "w2"]
+
+
+async def test_record_outage_without_workers_adds_nothing(store: Store) -> None:
+    assert await store.record_outage() == 0.0
+    await asyncio.sleep(0.2)
+    assert await store.record_outage() == 0.0
+
+
+def _wipe(store_url: str) -> None:
+    """What a server that lost its state looks like: every table / key of this store gone."""
+    if store_url.startswith("redis"):
+        import redis
+
+        prefix = store_url.rsplit("prefix=", 1)[1]
+        r = redis.Redis(host="127.0.0.1", port=6379)
+        for k in r.scan_iter(f"{prefix}:*"):
+            r.delete(k)
+        r.close()
+        return
+    import sqlalchemy as sa
+
+    from modelfleet.store.sql import SQLStore
+
+    engine = sa.create_engine(SQLStore(store_url)._sync_url, poolclass=sa.NullPool)
+    try:
+        meta = sa.MetaData()
+        meta.reflect(engine)
+        meta.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
+async def test_a_store_that_lost_its_state_shows_no_identity_and_takes_no_writes(
+    backend: str, store_url: str, store: Store
+) -> None:
+    await store.heartbeat(worker(1))
+    old = await store.get_cluster_meta()
+    old_rev = await store.get_revision()
+    await asyncio.to_thread(_wipe, store_url)
+    assert (await store.get_cluster_meta()).cluster_id is None
+    with pytest.raises(StoreError):
+        await store.heartbeat(worker(1))
+    with pytest.raises(StoreError):
+        await store.bump_revision()
+    # Created again (an operator accepts the loss): a new identity, a revision above the old one.
+    await store.migrate()
+    new = await store.get_cluster_meta()
+    assert new.cluster_id and new.cluster_id != old.cluster_id
+    assert await store.get_revision() > old_rev
+    assert await store.list_workers() == []
+
+
+async def test_persistence_is_reported(backend: str, store: Store) -> None:
+    p = await store.persistence()
+    if backend == "memory":
+        assert p.kind == "volatile"
+    elif backend == "redis":
+        import redis
+
+        r = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
+        try:
+            volatile = not r.config_get("save")["save"].strip() and r.config_get("appendonly")["appendonly"] == "no"
+        finally:
+            r.close()
+        assert p.kind == ("volatile" if volatile else "durable"), p
+        if volatile:
+            assert "neither RDB snapshots" in p.detail
+    else:
+        assert p.kind == "durable"

@@ -3,7 +3,11 @@
 Every controller serves reads and writes; the lease holder also runs the singleton loops.
 Routes for gateways are long-polled (``GET /v1/cluster/routes?since=REV&wait=S``); a
 watcher on every controller bumps the routing revision when the set of alive workers
-changes, because liveness is computed on read and so changes without any write."""
+changes, because liveness is computed on read and so changes without any write.
+
+Each controller remembers the cluster identity its store showed first. A store that later
+shows none or another (it lost its state) is refused: not ready, no heartbeats, no route
+tables, no singleton loops, until an operator accepts it (``POST /v1/cluster/store/accept``)."""
 
 from __future__ import annotations
 
@@ -35,8 +39,10 @@ from modelfleet.metrics import (
     CONTROLLER_HEARTBEAT_SECONDS,
     CONTROLLER_HEARTBEATS,
     CONTROLLER_INSTANCE_EVENTS,
+    CONTROLLER_OUTAGE_FORGIVEN,
     CONTROLLER_REVISION,
     CONTROLLER_ROUTE_WAITERS,
+    CONTROLLER_STORE_LOST,
     CONTROLLER_STORE_UP,
     CONTROLLER_WORKERS,
     metrics_response,
@@ -57,6 +63,10 @@ from modelfleet.models import (
     WorkerInfo,
 )
 from modelfleet.store import Store, StoreConfigError, StoreError, StoreUnavailable, describe_url, open_store
+from modelfleet.store.base import AUTH_REQUIRED, ClusterMeta, Persistence
+
+# Revisions gateways may report (``seen``): exact in a JSON number, far above time in ms.
+MAX_REVISION = 2**53
 
 log = logging.getLogger("modelfleet.controller")
 
@@ -81,6 +91,8 @@ class ControllerSettings:
     controller_id: str = ""
     catalog: str | None = None  # an operator's catalog file, added to the built-in one
     source_lookup_timeout: float = 5.0  # asking a hub for a new deployment's model size
+    # Run on a Redis that keeps nothing across its restart (no RDB, no AOF); see run_controller.
+    allow_volatile_store: bool = False
 
     def __post_init__(self) -> None:
         if not self.controller_id:
@@ -133,7 +145,9 @@ class RevisionWatcher:
         while True:
             try:
                 rev = await self.store.get_revision()
-                if rev != self.revision:
+                # Only forward: a store whose revision went back is the readiness loop's to
+                # fix (Controller.check_store), after it has checked the store's identity.
+                if rev > self.revision:
                     self.revision = rev
                     CONTROLLER_REVISION.set(rev)
                     async with self._changed:
@@ -164,6 +178,12 @@ class AssignmentCache:
         self.by_worker: dict[str, list[dict[str, Any]]] = {}
         self._lock = asyncio.Lock()
 
+    def reset(self) -> None:
+        """Forget what was read: the store's revision went back (restored, or another store),
+        so "not newer than what I hold" no longer means "nothing changed"."""
+        self.revision = -1
+        self.by_worker = {}
+
     async def for_worker(self, worker_id: str, at_least: int) -> list[dict[str, Any]]:
         if self.revision < at_least:
             async with self._lock:
@@ -187,6 +207,12 @@ class Controller:
         self.store = store or open_store(settings.store_url)
         self.ready = False
         self.not_ready_reason = "starting"
+        # The identity the store showed first (see the module docstring), and whether that
+        # cluster required API keys when last seen (carried over when an operator accepts a
+        # store that lost its state).
+        self.cluster_id: str | None = None
+        self.auth_required = False
+        self.lost_state: str | None = None  # why the store is refused, while it is
         self.revisions = RevisionWatcher(self.store)
         self.assignments = AssignmentCache(self.store)
         self.reconciler = Reconciler(
@@ -194,7 +220,8 @@ class Controller:
             moves_per_minute=settings.moves_per_minute, drain_timeout=settings.drain_timeout,
         )
         self.elector = LeaderElector(
-            self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop, self.reconciler.run]
+            self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop, self.reconciler.run],
+            can_lead=lambda: self.ready,
         )
         self._alive: set[str] | None = None
         # Alive workers as the cached route table saw them: if liveness moved since (e.g. the
@@ -205,6 +232,11 @@ class Controller:
 
     async def start(self) -> None:
         await self.store.migrate()
+        meta = await self.store.get_cluster_meta()
+        self.cluster_id, self.auth_required = meta.cluster_id, meta.auth == AUTH_REQUIRED
+        # No controller took heartbeats for this one until now: if none did (every controller
+        # was down), that time must not count against the workers either.
+        await self._regained_store()
         await self._set_ready(True, "")
         self._tasks = [
             asyncio.create_task(self.revisions.run()),
@@ -212,8 +244,8 @@ class Controller:
             asyncio.create_task(self.health_watch_loop()),
             asyncio.create_task(self.elector.run()),
         ]
-        log.info("controller %s serving, store %s", self.settings.controller_id,
-                 describe_url(self.settings.store_url))
+        log.info("controller %s serving, store %s, cluster %s", self.settings.controller_id,
+                 describe_url(self.settings.store_url), self.cluster_id)
 
     async def stop(self) -> None:
         for t in reversed(self._tasks):
@@ -225,27 +257,110 @@ class Controller:
     async def _set_ready(self, ready: bool, reason: str) -> None:
         if ready != self.ready:
             log.info("controller %s: store %s", "ready" if ready else "NOT ready",
-                     "reachable" if ready else f"unavailable: {reason}")
+                     "reachable" if ready else f"refused: {reason}" if self.lost_state else f"unavailable: {reason}")
         self.ready, self.not_ready_reason = ready, reason
         CONTROLLER_STORE_UP.set(1 if ready else 0)
 
     async def readiness_loop(self) -> None:
-        """Ready = store reachable and migrated. After an outage, re-migrate (idempotent)."""
+        """Ready = the store answers, is migrated and shows this controller's cluster identity."""
         while True:
             try:
-                if not self.ready:
-                    await self.store.migrate()
-                await self.store.ping()
-                await self._set_ready(True, "")
+                await self.check_store()
             except (StoreError, OSError) as exc:
                 await self._set_ready(False, str(exc) or type(exc).__name__)
             await asyncio.sleep(1.0)
+
+    async def check_store(self) -> None:
+        """One readiness pass. The identity comes first: a store that lost its state is never
+        migrated (re-initialized) here, only when an operator accepts it."""
+        meta = await self.store.get_cluster_meta()
+        if meta.cluster_id != self.cluster_id:
+            if self.cluster_id is not None and self.cluster_id in meta.replaces and meta.cluster_id:
+                self._adopt(meta, "accepted by an operator through another controller")
+            else:
+                await self._refuse(meta)
+                return
+        if not self.ready:
+            await self.store.migrate()  # same identity: schema upgrades only
+            await self.store.ping()
+            await self._regained_store()
+        else:
+            await self.store.ping()
+        self.auth_required = meta.auth == AUTH_REQUIRED
+        await self._keep_revision_forward()
+        await self._set_ready(True, "")
+
+    async def _regained_store(self) -> None:
+        """Before taking heartbeats again: the time no heartbeat landed does not count."""
+        forgiven = await self.store.record_outage()
+        CONTROLLER_OUTAGE_FORGIVEN.inc(forgiven)
+        if forgiven >= self.settings.heartbeat_interval:
+            log.info("the store took no heartbeat for %.1f s (store or controllers unreachable): that time does "
+                     "not count against workers", forgiven)
+
+    async def _keep_revision_forward(self) -> None:
+        """A store restored from an older copy shows a lower revision than the one this
+        controller served: move it past, so no reader ever sees the revision go back."""
+        served = self.revisions.revision
+        if served < 0 or await self.store.get_revision() >= served:
+            return
+        now = await self.store.advance_revision(served + 1)
+        self.assignments.reset()
+        log.warning("the store's routing revision went back below %d (restored from an older copy?): "
+                    "advanced to %d", served, now)
+
+    async def _refuse(self, meta: ClusterMeta) -> None:
+        shows = "no cluster identity" if meta.cluster_id is None else f"cluster {meta.cluster_id}"
+        reason = (f"the store shows {shows}, this controller serves cluster {self.cluster_id}: the store lost its "
+                  "state (or is another cluster's); refusing it until an operator accepts it "
+                  "(modelfleet store accept)")
+        if reason != self.lost_state:
+            log.error("STORE STATE LOST: %s", reason)
+        self.lost_state = reason
+        CONTROLLER_STORE_LOST.set(1)
+        await self._set_ready(False, reason)
+
+    def _adopt(self, meta: ClusterMeta, why: str) -> None:
+        log.warning("cluster identity %s -> %s: %s", self.cluster_id, meta.cluster_id, why)
+        self.cluster_id, self.lost_state = meta.cluster_id, None
+        CONTROLLER_STORE_LOST.set(0)
+        # Everything read from the old store is void; the revision starts over from the new one.
+        self.revisions.revision = -1
+        self.assignments.reset()
+        self._route_cache, self._alive, self._table_alive = None, None, None
+
+    async def accept_store(self, replaces: str | None = None) -> dict[str, Any]:
+        """An operator accepts the store as it is now (it lost its state): create its schema and
+        identity if it has none, record which cluster it replaces (gateways that remember that
+        one take its tables) and that keys were required, if they were.
+
+        ``replaces``: for a controller that does not know the lost cluster (restarted since),
+        the id gateways still remember (their log names it)."""
+        if self.lost_state is None:
+            if replaces and replaces != self.cluster_id:
+                await self.store.record_accepted(replaces, auth_required=False)
+                meta = await self.store.get_cluster_meta()
+                log.warning("cluster %s declared by an operator to replace cluster %s", self.cluster_id, replaces)
+                return {"accepted": True, "cluster_id": self.cluster_id, "replaces": list(meta.replaces),
+                        "auth": meta.auth}
+            return {"accepted": False, "cluster_id": self.cluster_id, "reason": "the store shows this cluster"}
+        old = self.cluster_id
+        await self.store.migrate()
+        assert old is not None
+        await self.store.record_accepted(old, self.auth_required)
+        meta = await self.store.get_cluster_meta()
+        self._adopt(meta, "accepted by an operator" + (", API keys still required" if self.auth_required else ""))
+        await self._set_ready(False, "store accepted; checking it")
+        return {"accepted": True, "cluster_id": meta.cluster_id, "replaces": list(meta.replaces),
+                "auth": meta.auth}
 
     async def health_watch_loop(self) -> None:
         """Liveness changes without a write; bump the revision so gateways re-read routes."""
         interval = max(0.25, self.settings.heartbeat_interval / 2)
         while True:
             await asyncio.sleep(interval)
+            if not self.ready:
+                continue  # an outage not yet recorded (record_outage) would read every worker as dead
             try:
                 workers = await self.store.list_workers()
             except StoreError:
@@ -281,15 +396,18 @@ class Controller:
     async def route_table(self, revision: int) -> dict[str, Any]:
         if self._route_cache and self._route_cache[0] == revision:
             return self._route_cache[1]
-        workers, instances, deployments, keys, now = await asyncio.gather(
+        workers, instances, deployments, keys, now, meta = await asyncio.gather(
             self.store.list_workers(), self.store.list_instances(), self.store.list_deployments(),
-            self.store.list_api_keys(), self.store.now(),
+            self.store.list_api_keys(), self.store.now(), self.store.get_cluster_meta(),
         )
+        if meta.cluster_id != self.cluster_id:
+            # Lost its state since the last readiness pass: never publish what is left of it.
+            raise StoreUnavailable(f"the store shows cluster {meta.cluster_id}, not {self.cluster_id}")
         alive = alive_worker_ids(workers, self.settings.worker_ttl)
         table = build_route_table(
             revision=revision, store_time=now, controller_id=self.settings.controller_id,
             ttl=self.settings.worker_ttl, alive=alive, instances=instances,
-            deployments=deployments, api_keys=keys,
+            deployments=deployments, api_keys=keys, meta=meta,
         )
         self._route_cache = (revision, table)
         self._table_alive = alive
@@ -430,7 +548,8 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         if not ctl.ready:
             response.status_code = 503
         return {"ready": ctl.ready, "reason": ctl.not_ready_reason or None, "controller_id": s.controller_id,
-                "leader": ctl.elector.is_leader, "store": describe_url(s.store_url)}
+                "leader": ctl.elector.is_leader, "store": describe_url(s.store_url), "cluster_id": ctl.cluster_id,
+                "store_state_lost": ctl.lost_state is not None}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -598,9 +717,15 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
 
     # -- routes for gateways --------------------------------------------------------------
     @app.get("/v1/cluster/routes")
-    async def routes(request: Request, since: int = -1, wait: float = Query(0.0, ge=0.0, le=120.0)
-                     ) -> Any:
+    async def routes(request: Request, since: int = -1, wait: float = Query(0.0, ge=0.0, le=120.0),
+                     seen: int = Query(-1, le=MAX_REVISION), cluster: str = "") -> Any:
+        """``seen`` and ``cluster``: the revision and cluster identity the gateway serves. A
+        gateway ahead of the store (restored from an older copy) moves the store's revision
+        past its own, so that it never has to step back."""
         cluster_read(request)
+        if not ctl.ready:
+            # Gateways keep their table and try another controller.
+            raise ApiError(503, f"store unavailable: {ctl.not_ready_reason}", code="store_unavailable")
         if ctl.revisions.revision <= since and wait > 0:
             CONTROLLER_ROUTE_WAITERS.inc()
             try:
@@ -609,7 +734,13 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
                 CONTROLLER_ROUTE_WAITERS.dec()
             if not changed:
                 return Response(status_code=304)
+            if not ctl.ready:
+                raise ApiError(503, f"store unavailable: {ctl.not_ready_reason}", code="store_unavailable")
         revision = max(ctl.revisions.revision, await ctl.store.get_revision())
+        if seen > revision and cluster and cluster == ctl.cluster_id:
+            revision = await ctl.store.advance_revision(seen + 1)
+            log.warning("a gateway serves revision %d, above the store's: store revision advanced to %d "
+                        "(store restored from an older copy?)", seen, revision)
         if revision <= since:
             return Response(status_code=304)
         return await ctl.route_table(revision)
@@ -640,6 +771,26 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         admin(request)
         return {"data": [k.model_dump(exclude={"secret_hash"}) for k in await ctl.store.list_api_keys()]}
 
+    @app.post("/v1/cluster/keys/open")
+    async def open_inference(request: Request) -> dict[str, Any]:
+        """Inference without any key again: only as this explicit act, never because the keys
+        are gone (revoked, or a store that lost them)."""
+        admin(request)
+        live = [k.id for k in await ctl.store.list_api_keys() if not k.revoked]
+        if live:
+            raise ApiError(409, f"{len(live)} API key(s) are not revoked ({', '.join(live[:5])}); revoke them "
+                                "before opening inference to anyone", code="keys_exist")
+        await ctl.store.open_inference()
+        log.warning("inference OPENED by an admin: gateways serve requests without an API key")
+        return {"auth": "opened"}
+
+    @app.post("/v1/cluster/store/accept")
+    async def accept_store(request: Request, replaces: str | None = Query(None, max_length=128)
+                           ) -> dict[str, Any]:
+        """The operator's answer to a store that lost its state: serve it as it is now."""
+        admin(request)
+        return await ctl.accept_store(replaces)
+
     @app.delete("/v1/cluster/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request) -> Response:
         admin(request)
@@ -652,14 +803,18 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
 
 
 def run_controller(settings: ControllerSettings) -> None:
-    """Blocking: check the store URL, then serve. A wrong URL exits with one line."""
+    """Blocking: check the store URL, then serve. A wrong URL, or a Redis that keeps nothing
+    across a restart (unless allowed), exits with one line."""
     import uvicorn
 
+    desc = describe_url(settings.store_url)
     try:
-        asyncio.run(_check_store(open_store(settings.store_url)))
+        persistence = asyncio.run(_check_store(open_store(settings.store_url)))
     except (StoreConfigError, StoreUnavailable) as exc:
-        raise SystemExit(f"modelfleet controller: cannot use store {describe_url(settings.store_url)}: {exc}") \
-            from None
+        raise SystemExit(f"modelfleet controller: cannot use store {desc}: {exc}") from None
+    refusal = volatile_store_refusal(settings.store_url, persistence, settings.allow_volatile_store)
+    if refusal:
+        raise SystemExit(f"modelfleet controller: refusing store {desc}: {refusal}")
     if not settings.admin_token:
         log.warning("controller runs WITHOUT an admin token: management calls are open to anyone who "
                     "can reach %s:%d", settings.host, settings.port)
@@ -667,14 +822,35 @@ def run_controller(settings: ControllerSettings) -> None:
                 access_log=False)
 
 
-async def _check_store(store: Store, wait: float = 10.0) -> None:
+def volatile_store_refusal(url: str, persistence: Persistence, allowed: bool) -> str | None:
+    """Why the controller must not start on this store, or None (after a warning line when the
+    store is volatile but allowed, or its persistence cannot be told)."""
+    if persistence.kind == "unknown":
+        log.warning("cannot tell whether store %s keeps its data across a restart: %s; make sure it has RDB "
+                    "snapshots or AOF", describe_url(url), persistence.detail)
+        return None
+    if persistence.kind != "volatile":
+        return None
+    if url.startswith("memory:"):
+        log.warning("store memory:// keeps nothing when this process ends (tests and demos only); every restart "
+                    "is a new cluster")
+        return None
+    if allowed:
+        log.warning("store %s is VOLATILE (allowed by --allow-volatile-store): %s", describe_url(url),
+                    persistence.detail)
+        return None
+    return (f"{persistence.detail}; give it persistence (appendonly yes, or a save schedule), or pass "
+            "--allow-volatile-store (MODELFLEET_ALLOW_VOLATILE_STORE=1) to run on it anyway")
+
+
+async def _check_store(store: Store, wait: float = 10.0) -> Persistence:
     """At start a store must answer within ``wait`` seconds (a running controller rides outages)."""
     deadline = time.monotonic() + wait
     try:
         while True:
             try:
                 await store.migrate()
-                return
+                return await store.persistence()
             except StoreUnavailable:
                 if time.monotonic() > deadline:
                     raise

@@ -20,8 +20,12 @@ SingletonLoop = Callable[[int], Awaitable[None]]  # receives the fencing token
 
 
 class LeaderElector:
-    def __init__(self, store: Store, holder: str, ttl: float, loops: list[SingletonLoop]) -> None:
+    def __init__(self, store: Store, holder: str, ttl: float, loops: list[SingletonLoop],
+                 can_lead: Callable[[], bool] = lambda: True) -> None:
         self.store, self.holder, self.ttl, self.loops = store, holder, ttl, loops
+        # False while the controller must not act on the store (outage, or a store that lost
+        # its state): the singleton loops would act on what is left of it.
+        self.can_lead = can_lead
         self.token: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -40,6 +44,9 @@ class LeaderElector:
                 await self.store.release_lease(LEADER_LEASE, self.holder)
 
     async def _tick(self) -> None:
+        if not self.can_lead():
+            await self._step_down("store not ready")
+            return
         try:
             lease = await asyncio.wait_for(self.store.acquire_lease(LEADER_LEASE, self.holder, self.ttl), self.ttl / 3)
         except (StoreError, TimeoutError, OSError) as exc:

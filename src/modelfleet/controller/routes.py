@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelfleet.models import ApiKey, Deployment, Instance, InstanceState
+from modelfleet.store.base import AUTH_REQUIRED, ClusterMeta
 
 ROUTABLE_STATES = (InstanceState.READY, InstanceState.DRAINING)
 
@@ -42,12 +43,16 @@ def build_route_table(
     instances: list[Instance],
     deployments: list[Deployment],
     api_keys: list[ApiKey],
+    meta: ClusterMeta,
 ) -> dict[str, Any]:
     """Every known model (deployed or declared), with its routable instances.
 
     A model with zero routable instances stays listed, so a gateway can tell "no healthy
     instance" (503) from "no such model" (404). Only ready or draining instances on alive
-    workers are routable; draining ones carry enabled=False (no new requests)."""
+    workers are routable; draining ones carry enabled=False (no new requests).
+
+    ``cluster_id`` lets gateways refuse a table from a store that lost its state (unless it
+    ``replaces`` theirs); ``auth`` is the store's auth state ("none", "required", "opened")."""
     models: dict[str, list[dict[str, Any]]] = {d.name: [] for d in deployments}
     endpoints: dict[str, list[str] | None] = {d.name: model_endpoints(d.backend, d.params) for d in deployments}
     for inst in instances:
@@ -74,7 +79,11 @@ def build_route_table(
         "heartbeat_ttl": ttl,
         "models": [{"name": name, "instances": models[name], "endpoints": endpoints[name]} for name in sorted(models)],
         "api_keys": [{"id": k.id, "secret_hash": k.secret_hash} for k in api_keys if not k.revoked],
-        # Once any key was ever created, inference needs one: revoking the last key must
-        # close the door, not open it.
-        "auth_required": bool(api_keys),
+        # Once any key was ever created, inference needs one: revoking the last key, or a key
+        # table that is suddenly empty, must close the door, not open it. Only an admin's
+        # explicit `keys open` (auth "opened", with no live key) opens it again.
+        "auth": meta.auth,
+        "auth_required": meta.auth == AUTH_REQUIRED or any(not k.revoked for k in api_keys),
+        "cluster_id": meta.cluster_id,
+        "replaces": list(meta.replaces),
     }

@@ -28,7 +28,7 @@ from modelfleet.gateway.auth import bearer_token, key_allowed
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.pool import Pool
 from modelfleet.gateway.proxy import Proxy, Receive, Scope, Send
-from modelfleet.gateway.routes import EMPTY, Grace, RouteTable, RouteWatcher, is_ready, keep_missing
+from modelfleet.gateway.routes import EMPTY, Grace, RouteTable, RouteWatcher, is_ready, keep_missing, sudden_loss
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats
 
@@ -92,12 +92,13 @@ class GatewayApp:
         self.stats = RecentStats()
         self.pool = Pool(settings, report=self._instance_event, process_index=process_index)
         self.watcher = RouteWatcher(settings.controller_list, settings.admin_token, self._apply,
-                                    settings.snapshot, settings.poll_wait_s)
+                                    settings.snapshot, settings.poll_wait_s,
+                                    count_event=lambda event: self.metrics.route_events.labels(event).inc())
         self.proxy = Proxy(settings, self.pool, self.metrics, self.stats, lambda: self.table)
         self.metrics.attach(self.pool, self.watcher)
         self._first_table = asyncio.Event()
         self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
-        self._grace: Grace | None = None  # see routes.keep_missing
+        self._grace: Grace | None = None  # a hold on missing instances: see routes.keep_missing
         self._publisher: asyncio.Task[None] | None = None
         self._started = False
         self.other = self._build_app()
@@ -174,20 +175,32 @@ class GatewayApp:
         first = self.table is EMPTY
         announce = first and self._started  # the start-up line could not say open or keyed
         now = time.monotonic()
-        if reconnected and not first:
-            self._grace = Grace(now, table.revision, table.heartbeat_ttl)
-            asyncio.get_running_loop().call_later(table.heartbeat_ttl + 0.05, self._grace_over)
         self._latest = table
-        in_grace = self._grace is not None and self._grace.active(now, table.revision)
+        ended = self._grace is not None and not self._grace.active(now, table.revision)
+        if ended:
+            assert self._grace is not None
+            log.info("route hold over at revision %d (%s)", table.revision, self._grace.reason)
+            self._grace = None  # this table is believed as it is, missing instances and all
+        hold = None
+        if not first and reconnected:
+            hold = "reconnected to the controllers"
+        elif not first and not ended and self._grace is None:
+            hold = sudden_loss(self.table, table)
+            if hold:
+                log.warning("route table revision %d not believed at once: %s; keeping them until the revision "
+                            "moves again after %.1f s with them still gone", table.revision, hold,
+                            table.heartbeat_ttl)
+        if hold:
+            self._grace = Grace(now, table.revision, table.heartbeat_ttl, hold)
+            self.metrics.route_events.labels("held_reconnect" if reconnected else "held_sudden_loss").inc()
+            asyncio.get_running_loop().call_later(table.heartbeat_ttl + 0.05, self._grace_over)
+        in_grace = self._grace is not None
         if in_grace:
             table = keep_missing(self.table, table)
-        elif self._grace is not None:
-            self._grace = None
-            log.info("reconnect grace over at revision %d", table.revision)
         self.table = table
         self.pool.apply(table)
         log.debug("route table revision %d applied%s: %d models, %d instances", table.revision,
-                  " (reconnect grace)" if in_grace else "", len(table.models),
+                  " (hold on missing instances)" if in_grace else "", len(table.models),
                   sum(len(v) for v in table.models.values()))
         if announce or (not first and was_open != (not table.auth_required)):
             log.warning("inference %s", self._auth_state())

@@ -84,6 +84,10 @@ class GatewayMetrics:
         self.client_timeouts = Counter("modelfleet_gateway_client_timeouts",
                                        "Client connections closed for making no progress (client_timeouts.py)",
                                        ["phase"], registry=r)
+        self.route_events = Counter(
+            "modelfleet_gateway_route_events",
+            "Route tables refused (refused_cluster, refused_revision), held (held_sudden_loss, held_reconnect), "
+            "or served with keys kept required (auth_kept_required)", ["event"], registry=r)
         self._req: dict[tuple[str, int], Callable[[], None]] = {}
         self._lat: dict[str, Callable[[float], None]] = {}
         self._ttft: dict[str, Callable[[float], None]] = {}

@@ -6,6 +6,13 @@ gateway long-polls one controller of its list; on any failure it moves to the ne
 every controller down it keeps the last table (principle 1) and says "stale"; the table is
 also written to disk on every change (atomic rename), so a gateway that restarts while the
 controllers are down serves from it.
+
+The gateway remembers (snapshot included) the cluster identity of its table, its revision and
+whether that cluster required API keys. It refuses a table of another cluster (a store that
+lost its state) unless the table says it replaces ours (an operator accepted it), and a lower
+revision of the same cluster; it keeps keys required unless an admin opened inference
+(``judge_table``, ``remember``). A table that would drop most instances at once is not
+believed at once either (``sudden_loss``, ``Grace``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +57,73 @@ class RouteTable:
     auth_required: bool = False
     # What each model serves (chat, completions, embeddings); a model not listed: unknown, all.
     endpoints: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
+    cluster_id: str = ""  # "" from a controller that does not publish one
+    auth: str = "none"  # the store's auth state: "none" | "required" | "opened"
+    replaces: frozenset[str] = frozenset()  # cluster ids an operator accepted this one in place of
 
 
 EMPTY = RouteTable(revision=-1, controller_id="", models={}, key_hashes=frozenset(), payload={})
+
+
+@dataclass(frozen=True)
+class ClusterMemory:
+    """What a gateway remembers of the cluster it serves, across tables and restarts."""
+
+    cluster_id: str = ""
+    revision: int = -1
+    auth_required: bool = False  # the cluster required API keys once
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cluster_id": self.cluster_id, "revision": self.revision, "auth_required": self.auth_required}
+
+
+class TableRefused(Exception):
+    """A controller's table that must not replace ours (another cluster, or an older revision)."""
+
+
+def judge_table(memory: ClusterMemory, table: RouteTable) -> str | None:
+    """Why ``table`` must not replace the one we serve, or None to take it.
+
+    - another cluster's table (the store lost its state, or the controller uses another store)
+      is refused, unless it replaces ours: an operator accepted the new store;
+    - a lower revision of the same cluster is refused: a revision never goes backwards for a
+      reader (the controller moves the store's revision past ours when we tell it ours)."""
+    if memory.cluster_id and table.cluster_id and table.cluster_id != memory.cluster_id:
+        if memory.cluster_id in table.replaces:
+            return None
+        return (f"its table is of cluster {table.cluster_id}, this gateway serves cluster {memory.cluster_id} "
+                "(the store lost its state, or the controller uses another store); keeping the last good table "
+                f"until an operator accepts the new store (modelfleet store accept --replaces {memory.cluster_id})")
+    if table.cluster_id == memory.cluster_id and table.revision < memory.revision:
+        return f"its revision {table.revision} is below {memory.revision}, which this gateway serves"
+    return None
+
+
+def remember(memory: ClusterMemory, table: RouteTable) -> tuple[RouteTable, ClusterMemory]:
+    """The table as served and the new memory. A cluster that required API keys keeps
+    requiring them, whatever the table's key list says (empty after a lost store, or from a
+    controller that forgot), until an admin opens inference explicitly (auth "opened")."""
+    if memory.auth_required and not table.auth_required and table.auth != "opened":
+        table = replace(table, auth_required=True)
+    return table, ClusterMemory(table.cluster_id or memory.cluster_id, table.revision, table.auth_required)
+
+
+def sudden_loss(previous: RouteTable, new: RouteTable) -> str | None:
+    """Why ``new`` is not to be believed at once, or None.
+
+    The reconciler's panic rule, applied to routing: a table in which more than half of the
+    routable instances (of at least two) vanish at once is much more likely a fault of the
+    control plane (a store that came back, workers that could not heartbeat) than that many
+    machines dying in the same second. Models that are gone from ``new`` altogether (deleted
+    deployments) do not count: that is an operator's act."""
+    before = {i.id for name, insts in previous.models.items() if name in new.models for i in insts if i.enabled}
+    if len(before) < 2:
+        return None
+    after = {i.id for insts in new.models.values() for i in insts}
+    gone = before - after
+    if 2 * len(gone) <= len(before):
+        return None
+    return f"{len(gone)} of {len(before)} routable instances would vanish at once"
 
 
 def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
@@ -72,18 +143,18 @@ def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
         extra = tuple(i for i in old if i.id not in have)
         if extra:
             models[name] += extra
-    return RouteTable(revision=new.revision, controller_id=new.controller_id, models=models,
-                      key_hashes=new.key_hashes, payload=new.payload, heartbeat_ttl=new.heartbeat_ttl,
-                      auth_required=new.auth_required, endpoints={**previous.endpoints, **new.endpoints})
+    return replace(new, models=models, endpoints={**previous.endpoints, **new.endpoints})
 
 
 @dataclass(frozen=True)
 class Grace:
-    """The reconnect grace: from ``since`` (monotonic) on a table of revision ``revision``."""
+    """A hold on missing instances (see keep_missing): from ``since`` (monotonic), on a table of
+    revision ``revision``; started on reconnecting to the controllers or by ``sudden_loss``."""
 
     since: float
     revision: int
     ttl: float
+    reason: str = "reconnected to the controllers"
 
     def active(self, now: float, revision: int) -> bool:
         """Until one heartbeat TTL has passed *and* the revision has moved past the one we
@@ -111,10 +182,14 @@ def parse_routes(payload: dict[str, Any]) -> RouteTable:
             models[str(m["name"])] = tuple(insts)
         endpoints = parse_endpoints(payload["models"])
         keys = frozenset(str(k["secret_hash"]).lower() for k in payload.get("api_keys") or ())
+        auth_required = bool(payload.get("auth_required", bool(keys)))
         return RouteTable(revision=int(payload["revision"]), controller_id=str(payload.get("controller_id", "")),
                           models=models, key_hashes=keys, payload=payload,
                           heartbeat_ttl=float(payload.get("heartbeat_ttl") or 6.0),
-                          auth_required=bool(payload.get("auth_required", bool(keys))), endpoints=endpoints)
+                          auth_required=auth_required, endpoints=endpoints,
+                          cluster_id=str(payload.get("cluster_id") or ""),
+                          auth=str(payload.get("auth") or ("required" if auth_required else "none")),
+                          replaces=frozenset(str(x) for x in payload.get("replaces") or ()))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed routes payload: {exc!r}") from exc
 
@@ -131,12 +206,17 @@ def parse_endpoints(models: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
 
 
 # -- snapshot -------------------------------------------------------------------------------
-def save_snapshot(path: Path, payload: dict[str, Any], fetched_at: float) -> None:
+def save_snapshot(path: Path, payload: dict[str, Any], fetched_at: float,
+                  memory: ClusterMemory | None = None) -> None:
     """Write atomically: a unique temp file in the same directory, fsync, rename. Several
-    gateway processes may write the same path; each rename is whole."""
+    gateway processes may write the same path; each rename is whole. ``memory`` goes with the
+    table: a gateway restarted from it still knows its cluster and that keys were required."""
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = orjson.dumps({"fetched_at": fetched_at, "routes": payload})
+    doc: dict[str, Any] = {"fetched_at": fetched_at, "routes": payload}
+    if memory is not None:
+        doc["memory"] = memory.as_dict()
+    data = orjson.dumps(doc)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # key hashes inside
     try:
         os.write(fd, data)
@@ -146,11 +226,16 @@ def save_snapshot(path: Path, payload: dict[str, Any], fetched_at: float) -> Non
     os.replace(tmp, path)
 
 
-def load_snapshot(path: Path) -> tuple[RouteTable, float] | None:
-    """(table, wall time it was fetched) or None when absent or unreadable (logged)."""
+def load_snapshot(path: Path) -> tuple[RouteTable, float, ClusterMemory] | None:
+    """(table as served, wall time it was fetched, memory) or None when absent or unreadable (logged)."""
     try:
         raw = orjson.loads(path.read_bytes())
-        return parse_routes(raw["routes"]), float(raw["fetched_at"])
+        table = parse_routes(raw["routes"])
+        m = raw.get("memory") or {}
+        memory = ClusterMemory(str(m.get("cluster_id", table.cluster_id)), int(m.get("revision", table.revision)),
+                               bool(m.get("auth_required", table.auth_required)))
+        table, _ = remember(memory, table)
+        return table, float(raw["fetched_at"]), memory
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -197,6 +282,7 @@ class RouteWatcher:
         snapshot_path: Path | None,
         poll_wait_s: float = 10.0,
         retry_pause_s: float = 0.25,
+        count_event: Callable[[str], None] = lambda event: None,
     ) -> None:
         self.controllers = controllers
         self.headers = {"authorization": f"Bearer {admin_token}"} if admin_token else {}
@@ -204,11 +290,14 @@ class RouteWatcher:
         self.snapshot_path = snapshot_path
         self.poll_wait_s = poll_wait_s
         self.retry_pause_s = retry_pause_s
+        self.count_event = count_event  # metrics: route tables refused, keys kept required
         self.freshness = Freshness()
+        self.memory = ClusterMemory()
         self.revision = -1
         self.current = 0  # index of the controller in use
         self.session: aiohttp.ClientSession | None = None
         self.polling = False
+        self._keys_held = False  # logged once: a table said "no keys" while this cluster required them
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle
@@ -218,7 +307,7 @@ class RouteWatcher:
         snap = load_snapshot(self.snapshot_path)
         if snap is None:
             return False
-        table, fetched_at = snap
+        table, fetched_at, self.memory = snap
         self.revision = table.revision
         f = self.freshness
         f.loaded, f.fresh, f.source, f.confirmed_at = True, False, "snapshot", fetched_at
@@ -278,7 +367,8 @@ class RouteWatcher:
         steady = f.fresh and f.controller == base
         wait = self.poll_wait_s if steady else 0.0
         url = f"{base}/v1/cluster/routes"
-        params = {"since": str(self.revision if steady else -1), "wait": str(wait)}
+        params = {"since": str(self.revision if steady else -1), "wait": str(wait), "seen": str(self.revision),
+                  "cluster": self.memory.cluster_id}
         timeout = aiohttp.ClientTimeout(total=wait + 5.0, sock_connect=2.0)
         async with self.session.get(url, params=params, headers=self.headers, timeout=timeout) as r:
             if r.status == 304:
@@ -287,23 +377,41 @@ class RouteWatcher:
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
             payload = await r.json(loads=orjson.loads, content_type=None)
-        table = parse_routes(payload)
-        if table.revision < self.revision:
-            # A lower revision means a different store (e.g. a restarted memory:// one), or a
-            # lagging replica. Take it: it is what the cluster says now.
-            log.warning("controller %s reports revision %d below ours (%d); taking its table",
-                        base, table.revision, self.revision)
+        table = self.take(parse_routes(payload))
         self.revision = table.revision
         # Back in touch after being cut off (or starting from a snapshot): say so, see keep_missing.
         self.on_table(table, not self.freshness.fresh and self.freshness.loaded)
         self._confirmed(base)
         if self.snapshot_path is not None:
             # Off the event loop: a slow disk must not stall requests.
-            self._keep(asyncio.create_task(self._save(self.snapshot_path, payload)))
+            self._keep(asyncio.create_task(self._save(self.snapshot_path, payload, self.memory)))
 
-    async def _save(self, path: Path, payload: dict[str, Any]) -> None:
+    def take(self, table: RouteTable) -> RouteTable:
+        """``table`` as this gateway serves it, after judge_table and remember; raises
+        TableRefused (the controller counts as failed: we keep our table, try the next one)."""
+        refused = judge_table(self.memory, table)
+        if refused is not None:
+            self.count_event("refused_cluster" if table.cluster_id != self.memory.cluster_id else "refused_revision")
+            raise TableRefused(refused)
+        if self.memory.cluster_id and table.cluster_id and table.cluster_id != self.memory.cluster_id:
+            log.warning("cluster %s replaced by cluster %s (accepted by an operator), revision %d",
+                        self.memory.cluster_id, table.cluster_id, table.revision)
+        served, memory = remember(self.memory, table)
+        if served.auth_required and not table.auth_required:
+            if not self._keys_held:
+                self.count_event("auth_kept_required")
+                log.warning("the controller's table has no API key requirement, but cluster %s required keys: "
+                            "keys stay required (an admin opens inference with `modelfleet keys open`)",
+                            memory.cluster_id or "?")
+            self._keys_held = True
+        else:
+            self._keys_held = False
+        self.memory = memory
+        return served
+
+    async def _save(self, path: Path, payload: dict[str, Any], memory: ClusterMemory) -> None:
         try:
-            await asyncio.to_thread(save_snapshot, path, payload, time.time())
+            await asyncio.to_thread(save_snapshot, path, payload, time.time(), memory)
         except OSError as exc:
             log.warning("could not write the route snapshot %s: %s", path, exc)
 

@@ -5,7 +5,15 @@ Rules every backend keeps (DESIGN.md principles 4 and 5):
   ``heartbeat_age`` is computed by the store when read, never written by a sweeper;
 - every write is one atomic statement or transaction (upserts, never read-then-insert);
 - unique keys have no NULL column;
-- a heartbeat with no instance change costs one write (the worker row).
+- a heartbeat with no instance change costs one write (the worker row);
+- time during which the store took no heartbeat at all does not count against a worker: a
+  controller that regains the store calls ``record_outage()``, which adds that time to a
+  store-side "paused" total, and ``heartbeat_age`` leaves paused time out (see
+  docs/control-plane.md, "Liveness across a store outage");
+- a store has a cluster identity, written once when its schema is first created; a store
+  that lost its state shows none, or a new one, and controllers refuse to serve from it;
+- the routing revision only grows; a fresh store starts it at the time in milliseconds, so a
+  store that lost its state (and starts again) is far above any revision a reader holds.
 
 A backend that cannot reach its server raises ``StoreUnavailable``; callers turn
 that into "not ready" / HTTP 503 and nothing is half-written.
@@ -38,6 +46,30 @@ class StoreUnavailable(StoreError):
 
 class StoreConfigError(StoreError):
     """The store URL is wrong (unknown scheme, bad host, failed authentication)."""
+
+
+AUTH_NONE = "none"  # no API key was ever created: inference is open (embedded default)
+AUTH_REQUIRED = "required"  # a key was created once: inference needs one, even with none left
+AUTH_OPENED = "opened"  # an admin opened inference again explicitly (``modelfleet keys open``)
+
+
+@dataclass(frozen=True)
+class ClusterMeta:
+    """The store's identity and the cluster-wide auth state."""
+
+    cluster_id: str | None  # None: the store holds no identity (never migrated, or lost its state)
+    auth: str = AUTH_NONE
+    # Cluster ids an operator accepted this store in place of (``modelfleet store accept``):
+    # gateways that remember one of them take this store's tables.
+    replaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Whether the store keeps its data across a restart of its server."""
+
+    kind: str  # "durable" | "volatile" | "unknown"
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +105,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    async def persistence(self) -> Persistence:
+        """Does the server keep the data across its own restart? SQL servers and SQLite files do."""
+        return Persistence("durable")
+
+    # -- identity and auth state -----------------------------------------------------
+    @abc.abstractmethod
+    async def get_cluster_meta(self) -> ClusterMeta:
+        """The identity ``migrate()`` wrote when it created the schema, and the auth state.
+
+        A store with no schema or no identity (lost its state) gives ``cluster_id=None``
+        rather than an error; an unreachable one raises StoreUnavailable."""
+
+    @abc.abstractmethod
+    async def open_inference(self) -> None:
+        """Auth state -> "opened" (an explicit admin act); bumps the revision."""
+
+    @abc.abstractmethod
+    async def record_accepted(self, replaced_cluster_id: str, auth_required: bool) -> None:
+        """An operator accepted this store in place of ``replaced_cluster_id``: add it to
+        ``replaces``; with ``auth_required``, set the auth state to "required" unless it is
+        already; bumps the revision."""
+
+    # -- liveness across outages -------------------------------------------------------
+    @abc.abstractmethod
+    async def record_outage(self) -> float:
+        """Called by a controller that (re)gains the store, before it takes heartbeats.
+
+        The time from the latest heartbeat the store took (or the end of the last recorded
+        outage, if later) until now is added to the paused total: no heartbeat landed then,
+        so it must not count against any worker. Atomic; several controllers calling it for
+        one outage count it once. Returns the seconds added."""
+
+    # -- workers -------------------------------------------------------------------
     # -- workers -------------------------------------------------------------------
     @abc.abstractmethod
     async def heartbeat(
@@ -92,7 +157,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_workers(self) -> list[WorkerRecord]:
-        """All workers, each with heartbeat_age computed against the store clock."""
+        """All workers, each with heartbeat_age computed against the store clock, leaving
+        out paused time (``record_outage``)."""
 
     @abc.abstractmethod
     async def get_worker(self, worker_id: str) -> WorkerRecord | None: ...
@@ -103,7 +169,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_dead_workers(self, older_than: float) -> list[str]:
-        """Delete workers whose heartbeat_age exceeds ``older_than`` seconds (GC).
+        """Delete workers whose heartbeat_age (paused time left out) exceeds ``older_than`` seconds (GC).
 
         The age test and the delete are one statement, so a worker that heartbeats
         concurrently is never deleted."""
@@ -174,9 +240,17 @@ class Store(abc.ABC):
     async def bump_revision(self) -> int:
         """Atomically increment the routing revision and return the new value."""
 
+    @abc.abstractmethod
+    async def advance_revision(self, at_least: int) -> int:
+        """Atomically raise the revision to ``at_least`` if it is lower; return the revision.
+
+        For a store restored from an older copy: a reader that saw a higher revision must
+        never see a lower one."""
+
     # -- api keys ------------------------------------------------------------------
     @abc.abstractmethod
-    async def create_api_key(self, key: ApiKey) -> ApiKey: ...
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        """Insert the key and, in the same write, set the auth state to "required"."""
 
     @abc.abstractmethod
     async def list_api_keys(self) -> list[ApiKey]: ...

@@ -1,11 +1,14 @@
 """In-process store for tests and single-process use. Its clock is this process's clock.
 
 Every method runs without an ``await`` between read and write, so on one event loop each
-call is atomic, as the contract requires."""
+call is atomic, as the contract requires. It keeps nothing across a restart (volatile by
+nature): every new process is a new cluster identity."""
 
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import replace
 
 from modelfleet.models import (
     ApiKey,
@@ -17,7 +20,16 @@ from modelfleet.models import (
     WorkerInfo,
     WorkerRecord,
 )
-from modelfleet.store.base import SPEC_FIELDS, HeartbeatResult, Store, StoreError
+from modelfleet.store.base import (
+    AUTH_OPENED,
+    AUTH_REQUIRED,
+    SPEC_FIELDS,
+    ClusterMeta,
+    HeartbeatResult,
+    Persistence,
+    Store,
+    StoreError,
+)
 
 STATUS_FIELDS = ("state", "endpoint", "restarts", "last_error")
 
@@ -31,10 +43,17 @@ class MemoryStore(Store):
         self._deployments: dict[str, Deployment] = {}
         self._leases: dict[str, tuple[str, int, float]] = {}  # name -> (holder, token, expires_at)
         self._keys: dict[str, ApiKey] = {}
-        self._revision = 0
+        # Liveness clock at each worker's last heartbeat: store time minus time paused before it.
+        self._live_at: dict[str, float] = {}
+        self._paused = 0.0
+        self._paused_until = 0.0
+        self._meta = ClusterMeta(cluster_id=None)
+        # A fresh store's revision starts at the time in ms (see base.py).
+        self._revision = int(time.time() * 1000)
 
     async def migrate(self) -> None:
-        return None
+        if self._meta.cluster_id is None:
+            self._meta = ClusterMeta(cluster_id=uuid.uuid4().hex)
 
     async def ping(self) -> None:
         return None
@@ -44,6 +63,34 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         return None
+
+    async def persistence(self) -> Persistence:
+        return Persistence("volatile", "memory:// keeps the cluster state in this process only")
+
+    # -- identity, auth state, outages
+    async def get_cluster_meta(self) -> ClusterMeta:
+        return self._meta
+
+    async def open_inference(self) -> None:
+        self._meta = replace(self._meta, auth=AUTH_OPENED)
+        self._bump()
+
+    async def record_accepted(self, replaced_cluster_id: str, auth_required: bool) -> None:
+        m = self._meta
+        replaces = m.replaces if replaced_cluster_id in m.replaces else (*m.replaces, replaced_cluster_id)
+        self._meta = replace(m, replaces=replaces, auth=AUTH_REQUIRED if auth_required else m.auth)
+        self._bump()
+
+    async def record_outage(self) -> float:
+        now = time.time()
+        latest = max((w.last_heartbeat for w in self._workers.values()), default=now)
+        added = max(0.0, now - max(self._paused_until, latest))
+        self._paused += added
+        self._paused_until = max(self._paused_until, now)
+        return added
+
+    def _live_now(self, now: float) -> float:
+        return now - self._paused
 
     def _bump(self) -> int:
         self._revision += 1
@@ -57,6 +104,7 @@ class MemoryStore(Store):
         self._workers[worker.id] = WorkerRecord(
             **worker.model_dump(), last_heartbeat=now, registered_at=old.registered_at if old else now
         )
+        self._live_at[worker.id] = self._live_now(now)
         if registered:
             self._bump()
         if statuses is not None:
@@ -86,8 +134,11 @@ class MemoryStore(Store):
             self._bump()
         return HeartbeatResult(registered=registered, revision=self._revision)
 
+    def _age(self, worker_id: str, now: float) -> float:
+        return max(0.0, self._live_now(now) - self._live_at[worker_id])
+
     def _aged(self, w: WorkerRecord, now: float) -> WorkerRecord:
-        return w.model_copy(update={"heartbeat_age": max(0.0, now - w.last_heartbeat)})
+        return w.model_copy(update={"heartbeat_age": self._age(w.id, now)})
 
     async def list_workers(self) -> list[WorkerRecord]:
         now = time.time()
@@ -100,6 +151,7 @@ class MemoryStore(Store):
     async def delete_worker(self, worker_id: str) -> bool:
         if self._workers.pop(worker_id, None) is None:
             return False
+        self._live_at.pop(worker_id, None)
         for iid, inst in list(self._instances.items()):
             if inst.worker_id == worker_id and inst.deployment is None:
                 del self._instances[iid]
@@ -108,7 +160,7 @@ class MemoryStore(Store):
 
     async def delete_dead_workers(self, older_than: float) -> list[str]:
         now = time.time()
-        dead = [w.id for w in self._workers.values() if now - w.last_heartbeat > older_than]
+        dead = [wid for wid in self._workers if self._age(wid, now) > older_than]
         for wid in dead:
             await self.delete_worker(wid)
         return dead
@@ -217,12 +269,17 @@ class MemoryStore(Store):
     async def bump_revision(self) -> int:
         return self._bump()
 
+    async def advance_revision(self, at_least: int) -> int:
+        self._revision = max(self._revision, at_least)
+        return self._revision
+
     # -- api keys
     async def create_api_key(self, key: ApiKey) -> ApiKey:
         if key.id in self._keys:
             raise StoreError(f"api key {key.id} exists")
         k = key.model_copy(update={"created_at": time.time()})
         self._keys[k.id] = k
+        self._meta = replace(self._meta, auth=AUTH_REQUIRED)
         self._bump()
         return k.model_copy()
 

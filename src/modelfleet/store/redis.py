@@ -12,11 +12,18 @@ How the contract in base.py is kept here:
 Keys, all under ``P:`` (the scripts build key names from the prefix, so this store needs a
 single Redis, not Redis Cluster):
 
-  P:schema            schema version (migrate() writes it, ping() checks it)
-  P:rev               routing revision (INCR)
+  P:schema            schema version (migrate() writes it, ping() checks it; every write script
+                      refuses to run without it, so nothing is written into a Redis that lost
+                      its state before a controller notices)
+  P:meta              hash  cluster_id (written once, by the migrate() that creates it), auth
+                      ("required" | "opened"), replaces (comma-separated cluster ids)
+  P:rev               routing revision (INCR); starts at the time in ms with the identity
+  P:paused / P:paused_until   seconds the store took no heartbeat / store time counted up to
   P:workers           hash  worker id -> WorkerInfo JSON
   P:wreg              hash  worker id -> registered_at (HSETNX: the registration test)
-  P:whb               zset  worker id scored by last_heartbeat (dead-worker GC is a range)
+  P:whb               zset  worker id scored by last_heartbeat (store time)
+  P:wlive             zset  worker id scored by the liveness clock at its last heartbeat
+                      (store time - paused): ages and the dead-worker GC range use it
   P:inst              hash  instance id -> Instance JSON ("params" nested as a JSON string,
                       "updated_at" as a string, so Lua's cjson never re-encodes either)
   P:byworker:<wid>    set   ids of the instances whose worker_id is <wid>
@@ -30,6 +37,7 @@ single Redis, not Redis Cluster):
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -54,18 +62,20 @@ from modelfleet.models import (
 from modelfleet.store import describe_url
 from modelfleet.store.base import (
     SPEC_FIELDS,
+    ClusterMeta,
     HeartbeatResult,
+    Persistence,
     Store,
     StoreConfigError,
     StoreError,
     StoreUnavailable,
 )
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 # Shared by every script: the server clock, and a fixed-point rendering of it (Lua numbers
 # returned to the client are truncated to integers; cjson keeps only 14 digits).
-_LUA_HEAD = """
+_LUA_CORE = """
 local P = ARGV[1]
 local function now()
   local t = redis.call('TIME')
@@ -92,17 +102,91 @@ local function forget_worker(wid)
   if redis.call('HDEL', P .. ':workers', wid) == 0 then return false end
   redis.call('HDEL', P .. ':wreg', wid)
   redis.call('ZREM', P .. ':whb', wid)
+  redis.call('ZREM', P .. ':wlive', wid)
   delete_declared(wid, nil)
   return true
 end
+local function paused() return tonumber(redis.call('GET', P .. ':paused') or '0') end
+"""
+NO_SCHEMA = "MFNOSCHEMA"
+# Every write script but migrate's: a Redis that lost its state (restarted without persistence)
+# has no schema key, and nothing may be written into it until an operator accepts it.
+_LUA_HEAD = _LUA_CORE + f"""
+if redis.call('EXISTS', P .. ':schema') == 0 then
+  return redis.error_reply('{NO_SCHEMA} no modelfleet schema under this prefix (the store lost its state?)')
+end
+"""
+
+# Schema, identity and the first revision. The identity and the time-in-ms revision are
+# written only by the migrate() that finds no identity: once per store lifetime.
+_MIGRATE = """
+redis.call('SET', P .. ':schema', ARGV[3])
+if redis.call('HSETNX', P .. ':meta', 'cluster_id', ARGV[2]) == 1 then
+  if redis.call('HLEN', P .. ':keys') > 0 then redis.call('HSET', P .. ':meta', 'auth', 'required') end
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if tonumber(redis.call('GET', P .. ':rev') or '0') < ms then
+    redis.call('SET', P .. ':rev', string.format('%d', ms))
+  end
+end
+-- Layout 1 had no liveness clock: nothing was paused, so it equals the heartbeat time.
+if redis.call('EXISTS', P .. ':wlive') == 0 then
+  local hb = redis.call('ZRANGE', P .. ':whb', 0, -1, 'WITHSCORES')
+  for i = 1, #hb, 2 do redis.call('ZADD', P .. ':wlive', hb[i + 1], hb[i]) end
+end
+return 1
+"""
+
+_RECORD_OUTAGE = """
+local t = now()
+local until_ = tonumber(redis.call('GET', P .. ':paused_until') or '0')
+local latest = redis.call('ZREVRANGE', P .. ':whb', 0, 0, 'WITHSCORES')
+local from = t
+if latest[2] then from = tonumber(latest[2]) end
+if until_ > from then from = until_ end
+local added = math.max(0, t - from)
+redis.call('SET', P .. ':paused', fmt(paused() + added))
+redis.call('SET', P .. ':paused_until', fmt(math.max(until_, t)))
+return fmt(added)
+"""
+
+_ADVANCE_REVISION = """
+local rev = tonumber(redis.call('GET', P .. ':rev') or '0')
+local want = tonumber(ARGV[2])
+if rev < want then
+  redis.call('SET', P .. ':rev', ARGV[2])
+  return ARGV[2]
+end
+return tostring(redis.call('GET', P .. ':rev') or '0')
+"""
+
+_OPEN_INFERENCE = """
+redis.call('HSET', P .. ':meta', 'auth', 'opened')
+redis.call('INCR', P .. ':rev')
+return 1
+"""
+
+_RECORD_ACCEPTED = """
+local cur = redis.call('HGET', P .. ':meta', 'replaces') or ''
+local found = false
+for id in string.gmatch(cur, '[^,]+') do if id == ARGV[2] then found = true end end
+if not found then
+  if cur == '' then cur = ARGV[2] else cur = cur .. ',' .. ARGV[2] end
+  redis.call('HSET', P .. ':meta', 'replaces', cur)
+end
+if ARGV[3] == '1' then redis.call('HSET', P .. ':meta', 'auth', 'required') end
+redis.call('INCR', P .. ':rev')
+return 1
 """
 
 _HEARTBEAT = """
 local wid = ARGV[2]
-local ts = fmt(now())
+local t = now()
+local ts = fmt(t)
 local registered = redis.call('HSETNX', P .. ':wreg', wid, ts)
 redis.call('HSET', P .. ':workers', wid, ARGV[3])
 redis.call('ZADD', P .. ':whb', ts, wid)
+redis.call('ZADD', P .. ':wlive', fmt(t - paused()), wid)
 local rev = false
 if registered == 1 then rev = redis.call('INCR', P .. ':rev') end
 if ARGV[4] ~= '' then
@@ -143,8 +227,8 @@ return 1
 
 # The age test and the deletes run in one script: a heartbeat cannot land in between.
 _DELETE_DEAD = """
-local cutoff = now() - tonumber(ARGV[2])
-local dead = redis.call('ZRANGEBYSCORE', P .. ':whb', '-inf', '(' .. fmt(cutoff))
+local cutoff = now() - paused() - tonumber(ARGV[2])
+local dead = redis.call('ZRANGEBYSCORE', P .. ':wlive', '-inf', '(' .. fmt(cutoff))
 for _, wid in ipairs(dead) do
   forget_worker(wid)
   redis.call('INCR', P .. ':rev')
@@ -261,6 +345,7 @@ if redis.call('HEXISTS', P .. ':keys', id) == 1 then return false end
 local ts = fmt(now())
 redis.call('HSET', P .. ':keys', id, ARGV[3])
 redis.call('HSET', P .. ':keyc', id, ts)
+redis.call('HSET', P .. ':meta', 'auth', 'required')
 if ARGV[4] == '1' then redis.call('SADD', P .. ':keyrev', id) end
 redis.call('INCR', P .. ':rev')
 return ts
@@ -352,8 +437,14 @@ class RedisStore(Store):
                 "get_lease": _GET_LEASE,
                 "create_key": _CREATE_KEY,
                 "revoke_key": _REVOKE_KEY,
+                "record_outage": _RECORD_OUTAGE,
+                "bump": "return redis.call('INCR', P .. ':rev')",
+                "advance_revision": _ADVANCE_REVISION,
+                "open_inference": _OPEN_INFERENCE,
+                "record_accepted": _RECORD_ACCEPTED,
             }.items()
         }
+        self._scripts["migrate"] = self._redis.register_script(_LUA_CORE + _MIGRATE)
 
     def _k(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -402,14 +493,46 @@ class RedisStore(Store):
 
     # -- lifecycle -----------------------------------------------------------------
     async def migrate(self) -> None:
-        # Nothing to create up front (keys appear on first write). The version key records
-        # which layout this prefix holds; a later layout change would convert here.
-        await self._call(lambda: self._redis.set(self._k("schema"), SCHEMA_VERSION))
+        # Nothing else to create up front (keys appear on first write). The version key
+        # records which layout this prefix holds; the script converts layout 1 to 2.
+        await self._script("migrate", uuid.uuid4().hex, SCHEMA_VERSION, repeatable=True)
 
     async def ping(self) -> None:
         version = await self._call(lambda: self._redis.get(self._k("schema")))
         if version != SCHEMA_VERSION:
             raise StoreUnavailable(f"{self._desc}: schema at {version!r}, expected {SCHEMA_VERSION!r}")
+
+    async def persistence(self) -> Persistence:
+        """Volatile when the server has neither RDB snapshots nor AOF: a restart loses everything."""
+        try:
+            save = await self._redis.config_get("save")
+            aof = await self._redis.config_get("appendonly")
+        except rexc.ResponseError as exc:  # managed Redis services often refuse CONFIG
+            return Persistence("unknown", f"CONFIG GET refused ({str(exc).splitlines()[0][:100]})")
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        rdb, appendonly = save.get("save", ""), aof.get("appendonly", "no")
+        if not rdb.strip() and appendonly != "yes":
+            return Persistence("volatile", "the Redis server has neither RDB snapshots (save '') nor AOF "
+                               "(appendonly no): a restart of it loses every deployment and API key")
+        return Persistence("durable", f"save '{rdb}', appendonly {appendonly}")
+
+    # -- identity, auth state, outages ---------------------------------------------------
+    async def get_cluster_meta(self) -> ClusterMeta:
+        meta = await self._call(lambda: self._redis.hgetall(self._k("meta")))
+        if not meta.get("cluster_id"):
+            return ClusterMeta(cluster_id=None)
+        replaces = tuple(x for x in meta.get("replaces", "").split(",") if x)
+        return ClusterMeta(cluster_id=meta["cluster_id"], auth=meta.get("auth", "none"), replaces=replaces)
+
+    async def open_inference(self) -> None:
+        await self._script("open_inference", repeatable=True)
+
+    async def record_accepted(self, replaced_cluster_id: str, auth_required: bool) -> None:
+        await self._script("record_accepted", replaced_cluster_id, "1" if auth_required else "0", repeatable=True)
+
+    async def record_outage(self) -> float:
+        return float(await self._script("record_outage"))
 
     async def now(self) -> float:
         sec, usec = await self._call(lambda: self._redis.time())
@@ -448,46 +571,54 @@ class RedisStore(Store):
         return HeartbeatResult(registered=registered == 1, revision=int(rev))
 
     @staticmethod
-    def _worker(info: str, registered_at: str | None, hb: float, now: float) -> WorkerRecord:
+    def _worker(info: str, registered_at: str | None, hb: float, age: float) -> WorkerRecord:
         return WorkerRecord.model_validate(
             {
                 **orjson.loads(info),
                 "last_heartbeat": hb,
                 "registered_at": float(registered_at or hb),
-                "heartbeat_age": max(0.0, now - hb),
+                "heartbeat_age": max(0.0, age),
             }
         )
 
     async def list_workers(self) -> list[WorkerRecord]:
-        (sec, usec), infos, regs, hbs = await self._multi(
+        (sec, usec), infos, regs, hbs, lives, paused = await self._multi(
             lambda p: (
                 p.time(),
                 p.hgetall(self._k("workers")),
                 p.hgetall(self._k("wreg")),
                 p.zrange(self._k("whb"), 0, -1, withscores=True),
+                p.zrange(self._k("wlive"), 0, -1, withscores=True),
+                p.get(self._k("paused")),
             )
         )
         now = int(sec) + int(usec) / 1e6
-        scores = dict(hbs)
+        live_now = now - float(paused or 0)
+        scores, live = dict(hbs), dict(lives)
         out = []
         for wid in sorted(infos):
             hb = float(scores.get(wid, now))
-            out.append(self._worker(infos[wid], regs.get(wid), hb, now))
+            age = live_now - float(live[wid]) if wid in live else now - hb
+            out.append(self._worker(infos[wid], regs.get(wid), hb, age))
         return out
 
     async def get_worker(self, worker_id: str) -> WorkerRecord | None:
-        (sec, usec), info, reg, hb = await self._multi(
+        (sec, usec), info, reg, hb, live, paused = await self._multi(
             lambda p: (
                 p.time(),
                 p.hget(self._k("workers"), worker_id),
                 p.hget(self._k("wreg"), worker_id),
                 p.zscore(self._k("whb"), worker_id),
+                p.zscore(self._k("wlive"), worker_id),
+                p.get(self._k("paused")),
             )
         )
         if info is None:
             return None
         now = int(sec) + int(usec) / 1e6
-        return self._worker(info, reg, float(hb if hb is not None else now), now)
+        hb = float(hb if hb is not None else now)
+        age = now - float(paused or 0) - float(live) if live is not None else now - hb
+        return self._worker(info, reg, hb, age)
 
     async def delete_worker(self, worker_id: str) -> bool:
         return await self._script("delete_worker", worker_id) == 1
@@ -595,7 +726,10 @@ class RedisStore(Store):
         return int(await self._call(lambda: self._redis.get(self._k("rev"))) or 0)
 
     async def bump_revision(self) -> int:
-        return int(await self._call(lambda: self._redis.incr(self._k("rev"))))
+        return int(await self._script("bump", repeatable=True))
+
+    async def advance_revision(self, at_least: int) -> int:
+        return int(await self._script("advance_revision", str(int(at_least)), repeatable=True))
 
     # -- api keys ------------------------------------------------------------------
     async def create_api_key(self, key: ApiKey) -> ApiKey:
@@ -639,6 +773,8 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         return "config", "authentication failed"
     if isinstance(exc, rexc.ResponseError) and "db index" in msg:
         return "config", "unknown database number"
+    if isinstance(exc, rexc.ResponseError) and NO_SCHEMA.lower() in msg:
+        return "unavailable", "no modelfleet schema under this prefix (the store lost its state?)"
     if _caused_by_dns(exc) or "name or service not known" in msg or "name resolution" in msg:
         return "config", "unknown host"
     if isinstance(exc, rexc.TimeoutError | TimeoutError):

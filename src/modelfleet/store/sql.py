@@ -12,6 +12,9 @@ How the contract in base.py is kept here:
 - Cheap heartbeats: on PostgreSQL a heartbeat without instance changes is one statement in
   autocommit mode (a data-modifying CTE does the upsert, the revision bump on registration and
   the revision read). MySQL has no RETURNING, so it needs upsert + read + COMMIT.
+- Liveness across outages: ``liveness.paused`` is the time the store took no heartbeat
+  (``record_outage``); each heartbeat writes ``live_at`` = store now - paused, and the age is
+  (store now - paused) - live_at, so a store that comes back does not age every worker.
 - Schema only through Alembic (``migrations/``), applied by ``migrate()`` under a lock.
 - Errors: unreachable / timed out / lost connection -> StoreUnavailable; a URL that can never
   work (unknown host, failed authentication, unknown database) -> StoreConfigError. Messages
@@ -53,7 +56,10 @@ from modelfleet.models import (
 )
 from modelfleet.store import describe_url
 from modelfleet.store.base import (
+    AUTH_OPENED,
+    AUTH_REQUIRED,
     SPEC_FIELDS,
+    ClusterMeta,
     HeartbeatResult,
     Store,
     StoreConfigError,
@@ -265,15 +271,21 @@ class SQLStore(Store):
         now = _NOW[self.dialect]
         greatest = _GREATEST[self.dialect]
         d = self.dialect
+        # The liveness clock: store time minus the time during which the store took no heartbeat.
+        paused = "(SELECT paused FROM liveness WHERE id = 1)"
+        live_now = f"({now} - {paused})"
         cols = ", ".join(_INSTANCE_COLUMNS)
         vals = ", ".join(f":{c}" if c != "updated_at" else now for c in _INSTANCE_COLUMNS)
         s: dict[str, str] = {
             "now": f"SELECT {now}",
             "revision": "SELECT rev FROM revision WHERE id = 1",
-            "workers": f"SELECT {_WORKER_COLUMNS}, {greatest}(0, {now} - last_heartbeat) AS age "
+            "advance": "UPDATE revision SET rev = :n WHERE id = 1 AND rev < :n",
+            "workers": f"SELECT {_WORKER_COLUMNS}, {greatest}(0, {live_now} - live_at) AS age "
             "FROM workers ORDER BY id",
-            "worker": f"SELECT {_WORKER_COLUMNS}, {greatest}(0, {now} - last_heartbeat) AS age "
+            "worker": f"SELECT {_WORKER_COLUMNS}, {greatest}(0, {live_now} - live_at) AS age "
             "FROM workers WHERE id = :id",
+            "meta": "SELECT name, value FROM cluster_meta",
+            "paused": "SELECT paused FROM liveness WHERE id = 1" + ("" if d == "sqlite" else " FOR UPDATE"),
             "delete_worker": "DELETE FROM workers WHERE id = :id",
             "delete_declared": "DELETE FROM instances WHERE deployment IS NULL AND worker_id IN :ids",
             "delete_unreported": "DELETE FROM instances WHERE worker_id = :wid AND deployment IS NULL "
@@ -299,8 +311,37 @@ class SQLStore(Store):
             "revoke_key": "UPDATE api_keys SET revoked = :revoked WHERE id = :id",
             "schema_version": f"SELECT version_num FROM {VERSION_TABLE}",
         }
-        worker_vals = f"(:id, :name, :address, :port, :labels, :resources, :version, {now}, {now}, 1)"
-        worker_cols = "(id, name, address, port, labels, resources, version, last_heartbeat, registered_at, beats)"
+        worker_vals = f"(:id, :name, :address, :port, :labels, :resources, :version, {now}, {now}, 1, {live_now})"
+        worker_cols = (
+            "(id, name, address, port, labels, resources, version, last_heartbeat, registered_at, beats, live_at)"
+        )
+        # No heartbeat landed between the latest one (or the end of the last recorded outage)
+        # and now: that time is paused. All SET terms read the old row (MySQL assigns left to
+        # right, and paused is assigned before paused_until).
+        outage_gap = (
+            f"{greatest}(0, {{t}} - {greatest}(paused_until, "
+            "COALESCE((SELECT MAX(last_heartbeat) FROM workers), {t})))"
+        )
+        if d == "postgresql":
+            # clock_timestamp() moves within a statement: read it once.
+            s["record_outage"] = (
+                f"UPDATE liveness SET paused = paused + {outage_gap.format(t='c.t')}, "
+                f"paused_until = GREATEST(paused_until, c.t) FROM (SELECT {now} AS t) AS c WHERE liveness.id = 1"
+            )
+            s["set_meta"] = (
+                "INSERT INTO cluster_meta (name, value) VALUES (:name, :value) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+            )
+        else:
+            s["record_outage"] = (
+                f"UPDATE liveness SET paused = paused + {outage_gap.format(t=now)}, "
+                f"paused_until = {greatest}(paused_until, {now}) WHERE id = 1"
+            )
+            s["set_meta"] = (
+                "INSERT INTO cluster_meta (name, value) VALUES (:name, :value) "
+                + ("ON DUPLICATE KEY UPDATE value = :value" if d == "mysql"
+                   else "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+            )
         if d == "mysql":
             s["bump"] = "UPDATE revision SET rev = LAST_INSERT_ID(rev + :n) WHERE id = 1"
             # Assignments in ON DUPLICATE KEY UPDATE repeat the bind parameters instead of
@@ -308,7 +349,8 @@ class SQLStore(Store):
             s["heartbeat"] = (
                 f"INSERT INTO workers {worker_cols} VALUES {worker_vals} ON DUPLICATE KEY UPDATE "
                 "name = :name, address = :address, port = :port, labels = :labels, "
-                f"resources = :resources, version = :version, last_heartbeat = {now}, beats = beats + 1"
+                f"resources = :resources, version = :version, last_heartbeat = {now}, beats = beats + 1, "
+                f"live_at = {live_now}"
             )
             # No WHERE on ON DUPLICATE KEY UPDATE: each term keeps the old value unless the row
             # is this worker's (worker_id itself is never assigned here, so the test is stable).
@@ -335,10 +377,10 @@ class SQLStore(Store):
                 f"holder = IF(holder = :holder OR expires_at <= {now}, :holder, holder), "
                 f"expires_at = IF(holder = :holder, {now} + :ttl, expires_at)"
             )
-            # Locking read on the last_heartbeat index: only the dead rows are locked, so a
+            # Locking read on the live_at index: only the dead rows are locked, so a
             # heartbeat of a live worker never waits for the GC.
-            s["dead_workers"] = f"SELECT id FROM workers WHERE last_heartbeat < {now} - :older ORDER BY id FOR UPDATE"
-            s["delete_dead"] = f"DELETE FROM workers WHERE id IN :ids AND last_heartbeat < {now} - :older"
+            s["dead_workers"] = f"SELECT id FROM workers WHERE live_at < {live_now} - :older ORDER BY id FOR UPDATE"
+            s["delete_dead"] = f"DELETE FROM workers WHERE id IN :ids AND live_at < {live_now} - :older"
         else:
             s["bump"] = "UPDATE revision SET rev = rev + :n WHERE id = 1 RETURNING rev"
             pg = d == "postgresql"
@@ -348,16 +390,16 @@ class SQLStore(Store):
             # with a volatile function is evaluated once) so that a new worker's registered_at
             # equals its last_heartbeat. SQLite's 'now' is fixed per statement already.
             row = (
-                f"SELECT :id, :name, :address, :port, {labels}, {resources}, :version, t, t, 1 FROM clock"
+                f"SELECT :id, :name, :address, :port, {labels}, {resources}, :version, t, t, 1, t - p FROM clock"
                 if pg
-                else f"VALUES (:id, :name, :address, :port, :labels, :resources, :version, {now}, {now}, 1)"
+                else f"VALUES {worker_vals}"
             )
             upsert = (
                 f"INSERT INTO workers {worker_cols} {row} "
                 "ON CONFLICT (id) DO UPDATE SET name = excluded.name, address = excluded.address, "
                 "port = excluded.port, labels = excluded.labels, resources = excluded.resources, "
                 "version = excluded.version, last_heartbeat = excluded.last_heartbeat, "
-                "beats = workers.beats + 1 "
+                "live_at = excluded.live_at, beats = workers.beats + 1 "
             )
             if pg:
                 # One statement, one round trip: upsert, bump the revision only when the row
@@ -365,7 +407,7 @@ class SQLStore(Store):
                 # revision row as of the statement's snapshot, so it takes the bumped value
                 # from the CTE when there is one.
                 s["heartbeat"] = (
-                    f"WITH clock AS (SELECT {now} AS t), "
+                    f"WITH clock AS (SELECT {now} AS t, {paused} AS p), "
                     f"up AS ({upsert} RETURNING beats = 1 AS registered), "
                     "bump AS (UPDATE revision SET rev = rev + 1 WHERE id = 1 "
                     "AND (SELECT registered FROM up) RETURNING rev) "
@@ -375,7 +417,7 @@ class SQLStore(Store):
                 # Age test and delete in one statement: a row a concurrent heartbeat updated
                 # is re-checked after its lock is released (EvalPlanQual) and survives.
                 s["delete_dead_pg"] = (
-                    f"WITH dead AS (DELETE FROM workers WHERE last_heartbeat < {now} - :older RETURNING id), "
+                    f"WITH dead AS (DELETE FROM workers WHERE live_at < {live_now} - :older RETURNING id), "
                     "gone AS (DELETE FROM instances WHERE deployment IS NULL "
                     "AND worker_id IN (SELECT id FROM dead)), "
                     "bump AS (UPDATE revision SET rev = rev + (SELECT count(*) FROM dead) WHERE id = 1 "
@@ -384,7 +426,7 @@ class SQLStore(Store):
                 )
             else:
                 s["heartbeat"] = f"{upsert} RETURNING beats"
-                s["delete_dead"] = f"DELETE FROM workers WHERE last_heartbeat < {now} - :older RETURNING id"
+                s["delete_dead"] = f"DELETE FROM workers WHERE live_at < {live_now} - :older RETURNING id"
             params = "CAST(:params AS json)" if pg else ":params"
             ivals = vals.replace(":params", params)
             s["insert_instance"] = f"INSERT INTO instances ({cols}) VALUES ({ivals})"
@@ -914,6 +956,62 @@ class SQLStore(Store):
     async def bump_revision(self) -> int:
         return await self._run(self._single, self._bump, write=True, repeatable=True)
 
+    async def advance_revision(self, at_least: int) -> int:
+        async def op(conn: AsyncConnection) -> int:
+            await conn.execute(self._sql["advance"], {"n": int(at_least)})
+            return int((await conn.execute(self._sql["revision"])).scalar_one())
+
+        return await self._run(self._engine, op, write=True, repeatable=True)
+
+    # -- identity, auth state, outages ---------------------------------------------------
+    async def get_cluster_meta(self) -> ClusterMeta:
+        async def op(conn: AsyncConnection) -> dict[str, str] | None:
+            try:
+                return {r.name: r.value for r in await conn.execute(self._sql["meta"])}
+            except sa.exc.DBAPIError as exc:
+                if _is_missing_table(exc):
+                    return None  # no schema: a store that was never migrated, or lost its state
+                raise
+
+        rows = await self._run(self._reader, op, write=False)
+        if not rows or not rows.get("cluster_id"):
+            return ClusterMeta(cluster_id=None)
+        replaces = tuple(x for x in rows.get("replaces", "").split(",") if x)
+        return ClusterMeta(cluster_id=rows["cluster_id"], auth=rows.get("auth", "none"), replaces=replaces)
+
+    async def _set_meta(self, conn: AsyncConnection, name: str, value: str) -> None:
+        await conn.execute(self._sql["set_meta"], {"name": name, "value": value})
+
+    async def open_inference(self) -> None:
+        async def op(conn: AsyncConnection) -> None:
+            await self._set_meta(conn, "auth", AUTH_OPENED)
+            await self._bump(conn)
+
+        await self._run(self._engine, op, write=True, repeatable=True)
+
+    async def record_accepted(self, replaced_cluster_id: str, auth_required: bool) -> None:
+        async def op(conn: AsyncConnection) -> None:
+            rows = {r.name: r.value for r in await conn.execute(self._sql["meta"])}
+            replaces = [x for x in rows.get("replaces", "").split(",") if x]
+            if replaced_cluster_id not in replaces:
+                replaces.append(replaced_cluster_id)
+            await self._set_meta(conn, "replaces", ",".join(replaces))
+            if auth_required:
+                await self._set_meta(conn, "auth", AUTH_REQUIRED)
+            await self._bump(conn)
+
+        await self._run(self._engine, op, write=True, repeatable=True)
+
+    async def record_outage(self) -> float:
+        async def op(conn: AsyncConnection) -> float:
+            # Locks the row (SQLite: the transaction is BEGIN IMMEDIATE), so two controllers
+            # recording one outage at once queue here and the second adds (almost) nothing.
+            before = float((await conn.execute(self._sql["paused"])).scalar_one())
+            await conn.execute(self._sql["record_outage"])
+            return float((await conn.execute(self._sql["paused"])).scalar_one()) - before
+
+        return await self._run(self._engine, op, write=True)
+
     # -- api keys ------------------------------------------------------------------
     async def create_api_key(self, key: ApiKey) -> ApiKey:
         params = {"id": key.id, "name": key.name, "secret_hash": key.secret_hash, "revoked": key.revoked}
@@ -923,6 +1021,7 @@ class SQLStore(Store):
                 await conn.execute(self._sql["insert_key"], params)
             except sa.exc.IntegrityError as exc:
                 raise StoreError(f"api key {key.id} exists") from exc
+            await self._set_meta(conn, "auth", AUTH_REQUIRED)
             await self._bump(conn)
             return _api_key((await conn.execute(self._sql["key"], {"id": key.id})).one())
 
