@@ -32,9 +32,10 @@ class FakeWorker:
     """Declares instances (scripted upstreams) to the controllers, as a worker agent would:
     one heartbeat per interval to the first controller that answers."""
 
-    def __init__(self, controllers: list[str], worker_id: str = "w1") -> None:
+    def __init__(self, controllers: list[str], worker_id: str = "w1", interval: float = HEARTBEAT_S) -> None:
         self.controllers = controllers
         self.id = worker_id
+        self.interval = interval
         self.instances: dict[str, dict[str, Any]] = {}
         self._changed = True
         self._stop = threading.Event()
@@ -65,7 +66,7 @@ class FakeWorker:
         self.thread.join(5)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=HEARTBEAT_S * 2) as client:
+        with httpx.Client(timeout=self.interval * 2) as client:
             while not self._stop.is_set():
                 if self.paused.is_set():
                     self._stop.wait(0.05)
@@ -92,7 +93,7 @@ class FakeWorker:
                 if not sent and statuses is not None:
                     with self._lock:
                         self._changed = True
-                self._stop.wait(HEARTBEAT_S)
+                self._stop.wait(self.interval)
 
 
 class Cluster:
@@ -108,11 +109,11 @@ class Cluster:
         self.gateway_args: list[str] = []
 
     # -- pieces
-    def controller(self, port: int | None = None) -> str:
+    def controller(self, port: int | None = None, *extra: str) -> str:
         port = port or free_port()
         name = f"ctl-{port}"
         p = self.procs.controller(name, port, self.store, "--admin-token", ADMIN, "--join-token", JOIN,
-                                  "--heartbeat-interval", str(HEARTBEAT_S))
+                                  "--heartbeat-interval", str(HEARTBEAT_S), *extra)
         url = f"http://127.0.0.1:{port}"
         self.controllers.append((p, url))
         return url

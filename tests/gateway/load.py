@@ -69,8 +69,10 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers
 
 
 async def run_load(url: str, n: int, concurrency: int, body: dict[str, Any],
-                   headers: dict[str, str] | None = None, duration_s: float | None = None) -> Load:
-    """``n`` requests (or as many as fit in ``duration_s``) with ``concurrency`` in flight."""
+                   headers: dict[str, str] | None = None, duration_s: float | None = None,
+                   stop: asyncio.Event | None = None) -> Load:
+    """``n`` requests (or as many as fit in ``duration_s``, or until ``stop`` is set) with
+    ``concurrency`` in flight."""
     load = Load()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     deadline = time.monotonic() + duration_s if duration_s else None
@@ -79,7 +81,7 @@ async def run_load(url: str, n: int, concurrency: int, body: dict[str, Any],
 
         async def lane() -> None:
             for _ in counter:
-                if deadline is not None and time.monotonic() > deadline:
+                if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
                     return
                 load.outcomes.append(await one(client, url, body, headers))
 

@@ -16,11 +16,12 @@ from tests.support.procs import wait_for
 
 
 async def until(pred: Callable[[], Any], within: float, what: str) -> Any:
-    """Poll ``pred`` without blocking the event loop (a load may be running beside it)."""
+    """Poll ``pred`` (in a thread: it may make blocking calls) without blocking the event loop
+    (a load may be running beside it)."""
     deadline = time.monotonic() + within
     last = None
     while time.monotonic() < deadline:
-        last = pred()
+        last = await asyncio.to_thread(pred)
         if last:
             return last
         await asyncio.sleep(0.05)

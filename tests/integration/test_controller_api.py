@@ -243,5 +243,102 @@ def test_metrics_exported(ctl):
     assert "modelfleet_controller_store_up 1.0" in text
 
 
+
+def test_keys_open_is_an_explicit_act_refused_while_a_key_lives(ctl, procs):
+    created = json.loads(cli("keys", "create", "ops", "--controller", ctl, "--admin-token", ADMIN, "--json").stdout)
+    refused = cli("keys", "open", "--controller", ctl, "--admin-token", ADMIN)
+    assert refused.returncode == 1 and "not revoked" in refused.stderr
+    assert httpx.post(f"{ctl}/v1/cluster/keys/open").status_code == 401  # admin only
+    assert cli("keys", "revoke", created["id"], "--controller", ctl, "--admin-token", ADMIN).returncode == 0
+    routes = httpx.get(f"{ctl}/v1/cluster/routes", headers=admin_h()).json()
+    assert routes["api_keys"] == [] and routes["auth_required"] is True  # every key revoked: still closed
+    assert routes["auth"] == "required" and routes["cluster_id"]
+    opened = cli("keys", "open", "--controller", ctl, "--admin-token", ADMIN)
+    assert opened.returncode == 0, opened.stderr
+    routes = httpx.get(f"{ctl}/v1/cluster/routes", headers=admin_h()).json()
+    assert routes["auth"] == "opened" and routes["auth_required"] is False
+    assert "inference OPENED by an admin" in procs.all[0].log_tail(50)
+    # memory:// is volatile by nature: allowed, with a warning line at start.
+    assert "memory:// keeps nothing" in procs.all[0].log_tail(200)
+
+
+def test_a_redis_without_persistence_is_refused_unless_allowed(procs, tmp_path):
+    from tests.support.stores import private_store_or_skip
+
+    server = private_store_or_skip("redis", durable=False)
+    try:
+        port = free_port()
+        r = subprocess.run([*MODELFLEET, "controller", "--port", str(port), "--store", server.url],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"modelfleet controller: refusing store redis://127.0.0.1:{server.port}: the Redis "
+                               "server has neither RDB snapshots (save '') nor AOF (appendonly no)")
+        assert "--allow-volatile-store" in last
+        flag = procs.controller("ctl-flag", free_port(), server.url, "--allow-volatile-store")
+        assert "VOLATILE (allowed by --allow-volatile-store)" in flag.log_tail(50)
+        procs.controller("ctl-env", free_port(), server.url, env={"MODELFLEET_ALLOW_VOLATILE_STORE": "1"})
+    finally:
+        procs.stop_all()
+        server.destroy()
+
+
+def test_revision_never_goes_backwards_after_the_store_is_restored(procs, sqlite_url, tmp_path):
+    """The store is restored from an older copy (same cluster identity, lower revision) under a
+    running controller: it moves the revision past what it served, so a deployment made after
+    the restore still reaches the worker (nothing waits for the revision to climb back), and a
+    gateway ahead of the store is never answered with a lower revision."""
+    import sqlite3
+
+    port = free_port()
+    procs.controller("ctl", port, sqlite_url, "--admin-token", ADMIN, "--join-token", JOIN,
+                     "--heartbeat-interval", "0.5")
+    ctl = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body("w1"), headers=join_h())
+            stop.wait(0.2)
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        def assignments(known: int) -> tuple[int, list[str]]:
+            r = httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body("w1", known_revision=known),
+                           headers=join_h()).json()
+            return r["revision"], sorted(a["model"] for a in r["assignments"] or [])
+
+        def deploy(name: str) -> None:
+            body = {"name": name, "backend": "openai", "source": "http://127.0.0.1:9", "placement": {"memory": 1}}
+            assert httpx.post(f"{ctl}/v1/cluster/deployments", json=body, headers=admin_h()).status_code == 201
+
+        db = sqlite_url.removeprefix("sqlite:///")
+        backup = tmp_path / "backup.db"
+        with sqlite3.connect(db) as live, sqlite3.connect(backup) as copy:
+            live.backup(copy)
+        deploy("before-restore")
+        served, _ = wait_for(lambda: (a := assignments(-1))[1] == ["before-restore"] and a, 15,
+                                  what="the replica placed on w1")
+        cluster_id = httpx.get(f"{ctl}/health/ready").json()["cluster_id"]
+
+        with sqlite3.connect(backup) as copy, sqlite3.connect(db) as live:
+            copy.backup(live)  # the restore: an older revision, the same cluster identity
+        wait_for(lambda: "went back below" in procs.all[0].log_tail(50), 10, what="the controller to notice")
+        assert httpx.get(f"{ctl}/v1/cluster/routes", headers=admin_h()).json()["revision"] > served
+        deploy("after-restore")
+        # The worker still holds the revision it saw before the restore: it gets the new replica.
+        wait_for(lambda: assignments(served)[1] == ["after-restore"], 15, what="the new replica on w1")
+
+        # A gateway that serves a revision above the store's is never answered with a lower one.
+        ahead = httpx.get(f"{ctl}/v1/cluster/routes", headers=admin_h()).json()["revision"] + 1000
+        r = httpx.get(f"{ctl}/v1/cluster/routes", params={"seen": ahead, "cluster": cluster_id}, headers=admin_h())
+        assert r.json()["revision"] > ahead
+        other = httpx.get(f"{ctl}/v1/cluster/routes", params={"seen": ahead + 10**6, "cluster": "another"},
+                          headers=admin_h())
+        assert other.json()["revision"] < ahead + 10**6  # another cluster's gateway moves nothing
+    finally:
+        stop.set()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

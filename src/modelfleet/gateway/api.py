@@ -175,7 +175,7 @@ class GatewayApp:
         first = self.table is EMPTY
         announce = first and self._started  # the start-up line could not say open or keyed
         now = time.monotonic()
-        self._latest = table
+        previous, self._latest = self._latest, table
         ended = self._grace is not None and not self._grace.active(now, table.revision)
         if ended:
             assert self._grace is not None
@@ -184,8 +184,10 @@ class GatewayApp:
         hold = None
         if not first and reconnected:
             hold = "reconnected to the controllers"
-        elif not first and not ended and self._grace is None:
-            hold = sudden_loss(self.table, table)
+        elif not first:
+            # Against what the controllers said last, not what we serve: a loss that starts
+            # while a hold is on holds again, and a hold that ended is not taken for a new loss.
+            hold = sudden_loss(previous, table)
             if hold:
                 log.warning("route table revision %d not believed at once: %s; keeping them until the revision "
                             "moves again after %.1f s with them still gone", table.revision, hold,
