@@ -213,6 +213,8 @@ async def start_controller(store_url: str, log_path: Path) -> tuple[subprocess.P
         "--log-level",
         "WARNING",
     ]
+    if store_url.startswith("redis"):
+        cmd.append("--allow-volatile-store")  # the shared Redis keeps nothing on disk: a benchmark does not care
     proc = spawn(cmd, log_path)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -211,6 +211,9 @@ class WorkerAgent:
         if reply.get("registered") and not send_statuses:
             # The store forgot us (new store, GC): send the full instance report next beat.
             self._sent_generation = -1
+        # Taken as is, even when lower: the controller only compares it for equality (a
+        # different value sends the assignments), so a store whose revision went back (restored,
+        # or accepted after it lost its state) never leaves this worker on stale assignments.
         self._known_revision = int(reply.get("revision", -1))
         if reply.get("assignments") is not None:
             self.assigned = [InstanceSpec.model_validate(a) for a in reply["assignments"]]
