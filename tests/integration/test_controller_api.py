@@ -78,13 +78,8 @@ def test_heartbeat_registers_and_cli_lists_worker(ctl):
     assert r.json()["registered"] is True and r.json()["assignments"] == []
     r2 = httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body("gpu-box"), headers=join_h())
     assert r2.json()["registered"] is False
-    out = cli("workers", "--controller", ctl, "--admin-token", ADMIN, "--json")
-    assert out.returncode == 0, out.stderr
-    (w,) = json.loads(out.stdout)
-    assert w["name"] == "gpu-box" and w["alive"] is True and w["resources"]["cpu_cores"] == 2
-    assert 0 <= w["heartbeat_age"] < 5
     # The fixture's interval is 0.5 s (dead after 1.5 s) and a CLI start can take longer
-    # than that on a busy machine: beat in the background while the table is read.
+    # than that on a busy machine: beat in the background while the CLI reads.
     stop = threading.Event()
 
     def beat() -> None:
@@ -94,9 +89,14 @@ def test_heartbeat_registers_and_cli_lists_worker(ctl):
 
     threading.Thread(target=beat, daemon=True).start()
     try:
+        out = cli("workers", "--controller", ctl, "--admin-token", ADMIN, "--json")
         table = cli("workers", "--controller", ctl, "--admin-token", ADMIN)
     finally:
         stop.set()
+    assert out.returncode == 0, out.stderr
+    (w,) = json.loads(out.stdout)
+    assert w["name"] == "gpu-box" and w["alive"] is True and w["resources"]["cpu_cores"] == 2
+    assert 0 <= w["heartbeat_age"] < 5
     assert "gpu-box" in table.stdout and "alive" in table.stdout
     denied = cli("workers", "--controller", ctl)
     assert denied.returncode == 1 and "admin token required" in denied.stderr
@@ -140,11 +140,16 @@ def test_worker_goes_dead_and_routes_follow(ctl):
     (m,) = routes["models"]
     assert m["name"] == "m" and [i["id"] for i in m["instances"]] == ["w1/m"]
     t0 = time.monotonic()
-    r = httpx.get(
-        f"{ctl}/v1/cluster/routes", params={"since": routes["revision"], "wait": 10}, headers=join_h(), timeout=15
-    )
-    assert r.status_code == 200
-    assert r.json()["models"][0]["instances"] == []  # model still known, no routable instance
+    since = routes["revision"]
+    while True:
+        r = httpx.get(f"{ctl}/v1/cluster/routes", params={"since": since, "wait": 10}, headers=join_h(), timeout=15)
+        assert r.status_code == 200
+        if r.json()["models"][0]["instances"] == []:  # model still known, no routable instance
+            break
+        # Woken by an earlier change (the health watch seeing w1 alive, if it had not yet when
+        # the table above was built): wait on from there.
+        since = r.json()["revision"]
+        assert time.monotonic() - t0 < 1.0
     # Dead after 3 x 0.5 s; the long poll woke for that change, not at the end of its 10 s wait.
     assert 1.0 < time.monotonic() - t0 < 9.0
     workers = httpx.get(f"{ctl}/v1/cluster/workers", headers=admin_h()).json()["data"]

@@ -213,6 +213,7 @@ class Controller:
         self.cluster_id: str | None = None
         self.auth_required = False
         self.lost_state: str | None = None  # why the store is refused, while it is
+        self._identity_lock = asyncio.Lock()  # one readiness pass or accept at a time
         self.revisions = RevisionWatcher(self.store)
         self.assignments = AssignmentCache(self.store)
         self.reconciler = Reconciler(
@@ -273,6 +274,10 @@ class Controller:
     async def check_store(self) -> None:
         """One readiness pass. The identity comes first: a store that lost its state is never
         migrated (re-initialized) here, only when an operator accepts it."""
+        async with self._identity_lock:
+            await self._check_store()
+
+    async def _check_store(self) -> None:
         meta = await self.store.get_cluster_meta()
         if meta.cluster_id != self.cluster_id:
             if self.cluster_id is not None and self.cluster_id in meta.replaces and meta.cluster_id:
@@ -336,6 +341,10 @@ class Controller:
 
         ``replaces``: for a controller that does not know the lost cluster (restarted since),
         the id gateways still remember (their log names it)."""
+        async with self._identity_lock:
+            return await self._accept_store(replaces)
+
+    async def _accept_store(self, replaces: str | None) -> dict[str, Any]:
         if self.lost_state is None:
             if replaces and replaces != self.cluster_id:
                 await self.store.record_accepted(replaces, auth_required=False)
@@ -809,10 +818,9 @@ def run_controller(settings: ControllerSettings) -> None:
 
     desc = describe_url(settings.store_url)
     try:
-        persistence = asyncio.run(_check_store(open_store(settings.store_url)))
+        refusal = asyncio.run(_check_store(open_store(settings.store_url), settings.allow_volatile_store))
     except (StoreConfigError, StoreUnavailable) as exc:
         raise SystemExit(f"modelfleet controller: cannot use store {desc}: {exc}") from None
-    refusal = volatile_store_refusal(settings.store_url, persistence, settings.allow_volatile_store)
     if refusal:
         raise SystemExit(f"modelfleet controller: refusing store {desc}: {refusal}")
     if not settings.admin_token:
@@ -822,35 +830,37 @@ def run_controller(settings: ControllerSettings) -> None:
                 access_log=False)
 
 
-def volatile_store_refusal(url: str, persistence: Persistence, allowed: bool) -> str | None:
+def volatile_store_refusal(scheme: str, persistence: Persistence, allowed: bool) -> str | None:
     """Why the controller must not start on this store, or None (after a warning line when the
     store is volatile but allowed, or its persistence cannot be told)."""
     if persistence.kind == "unknown":
-        log.warning("cannot tell whether store %s keeps its data across a restart: %s; make sure it has RDB "
-                    "snapshots or AOF", describe_url(url), persistence.detail)
+        log.warning("cannot tell whether the %s store keeps its data across a restart: %s; make sure it has RDB "
+                    "snapshots or AOF", scheme, persistence.detail)
         return None
     if persistence.kind != "volatile":
         return None
-    if url.startswith("memory:"):
+    if scheme == "memory":
         log.warning("store memory:// keeps nothing when this process ends (tests and demos only); every restart "
                     "is a new cluster")
         return None
     if allowed:
-        log.warning("store %s is VOLATILE (allowed by --allow-volatile-store): %s", describe_url(url),
-                    persistence.detail)
+        log.warning("the %s store is VOLATILE (allowed by --allow-volatile-store): %s", scheme, persistence.detail)
         return None
     return (f"{persistence.detail}; give it persistence (appendonly yes, or a save schedule), or pass "
             "--allow-volatile-store (MODELFLEET_ALLOW_VOLATILE_STORE=1) to run on it anyway")
 
 
-async def _check_store(store: Store, wait: float = 10.0) -> Persistence:
-    """At start a store must answer within ``wait`` seconds (a running controller rides outages)."""
+async def _check_store(store: Store, allow_volatile: bool, wait: float = 10.0) -> str | None:
+    """At start a store must answer within ``wait`` seconds (a running controller rides outages).
+    Returns why it is refused (nothing is written into it then), or None once it is migrated."""
     deadline = time.monotonic() + wait
     try:
         while True:
             try:
-                await store.migrate()
-                return await store.persistence()
+                refusal = volatile_store_refusal(store.url_scheme, await store.persistence(), allow_volatile)
+                if refusal is None:
+                    await store.migrate()
+                return refusal
             except StoreUnavailable:
                 if time.monotonic() > deadline:
                     raise
