@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -47,6 +49,23 @@ def ctl(procs, sqlite_url, request):
     return f"http://127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def beating(ctl: str, worker_id: str) -> Iterator[None]:
+    """A worker heartbeating every 0.2 s in the background (alive while the block runs)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body(worker_id), headers=join_h())
+            stop.wait(0.2)
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def admin_h() -> dict[str, str]:
     return {"authorization": f"Bearer {ADMIN}"}
 
@@ -80,19 +99,9 @@ def test_heartbeat_registers_and_cli_lists_worker(ctl):
     assert r2.json()["registered"] is False
     # The fixture's interval is 0.5 s (dead after 1.5 s) and a CLI start can take longer
     # than that on a busy machine: beat in the background while the CLI reads.
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body("gpu-box"), headers=join_h())
-            stop.wait(0.2)
-
-    threading.Thread(target=beat, daemon=True).start()
-    try:
+    with beating(ctl, "gpu-box"):
         out = cli("workers", "--controller", ctl, "--admin-token", ADMIN, "--json")
         table = cli("workers", "--controller", ctl, "--admin-token", ADMIN)
-    finally:
-        stop.set()
     assert out.returncode == 0, out.stderr
     (w,) = json.loads(out.stdout)
     assert w["name"] == "gpu-box" and w["alive"] is True and w["resources"]["cpu_cores"] == 2
@@ -299,15 +308,7 @@ def test_revision_never_goes_backwards_after_the_store_is_restored(procs, sqlite
     procs.controller("ctl", port, sqlite_url, "--admin-token", ADMIN, "--join-token", JOIN,
                      "--heartbeat-interval", "0.5")
     ctl = f"http://127.0.0.1:{port}"
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body("w1"), headers=join_h())
-            stop.wait(0.2)
-
-    threading.Thread(target=beat, daemon=True).start()
-    try:
+    with beating(ctl, "w1"):
         def assignments(known: int) -> tuple[int, list[str]]:
             r = httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body("w1", known_revision=known),
                            headers=join_h()).json()
@@ -323,7 +324,7 @@ def test_revision_never_goes_backwards_after_the_store_is_restored(procs, sqlite
             live.backup(copy)
         deploy("before-restore")
         served, _ = wait_for(lambda: (a := assignments(-1))[1] == ["before-restore"] and a, 15,
-                                  what="the replica placed on w1")
+                             what="the replica placed on w1")
         cluster_id = httpx.get(f"{ctl}/health/ready").json()["cluster_id"]
 
         with sqlite3.connect(backup) as copy, sqlite3.connect(db) as live:
@@ -341,8 +342,6 @@ def test_revision_never_goes_backwards_after_the_store_is_restored(procs, sqlite
         other = httpx.get(f"{ctl}/v1/cluster/routes", params={"seen": ahead + 10**6, "cluster": "another"},
                           headers=admin_h())
         assert other.json()["revision"] < ahead + 10**6  # another cluster's gateway moves nothing
-    finally:
-        stop.set()
 
 
 if __name__ == "__main__":
