@@ -56,14 +56,17 @@ def beating(ctl: str, worker_id: str) -> Iterator[None]:
 
     def beat() -> None:
         while not stop.is_set():
-            httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body(worker_id), headers=join_h())
+            with contextlib.suppress(httpx.HTTPError):  # a missed beat, as a worker would have
+                httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body(worker_id), headers=join_h())
             stop.wait(0.2)
 
-    threading.Thread(target=beat, daemon=True).start()
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
     try:
         yield
     finally:
         stop.set()
+        thread.join(10)
 
 
 def admin_h() -> dict[str, str]:
