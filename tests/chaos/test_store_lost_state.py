@@ -50,7 +50,7 @@ def controller_ready(ctl: str) -> tuple[int, dict]:
 
 @pytest.mark.timeout(150)
 async def test_redis_without_persistence_restarted_keeps_keys_required(procs: Procs, tmp_path: Path) -> None:
-    server = private_store_or_skip("redis", durable=False)
+    server = private_store_or_skip("redis", False)
     cluster = Cluster(procs, tmp_path)
     try:
         cluster.store = server.url

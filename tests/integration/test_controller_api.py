@@ -282,7 +282,7 @@ def test_keys_open_is_an_explicit_act_refused_while_a_key_lives(ctl, procs):
 def test_a_redis_without_persistence_is_refused_unless_allowed(procs, tmp_path):
     from tests.support.stores import private_store_or_skip
 
-    server = private_store_or_skip("redis", durable=False)
+    server = private_store_or_skip("redis", False)
     try:
         port = free_port()
         r = subprocess.run([*MODELFLEET, "controller", "--port", str(port), "--store", server.url],
@@ -295,6 +295,20 @@ def test_a_redis_without_persistence_is_refused_unless_allowed(procs, tmp_path):
         flag = procs.controller("ctl-flag", free_port(), server.url, "--allow-volatile-store")
         assert "VOLATILE (allowed by --allow-volatile-store)" in flag.log_tail(50)
         procs.controller("ctl-env", free_port(), server.url, env={"MODELFLEET_ALLOW_VOLATILE_STORE": "1"})
+    finally:
+        procs.stop_all()
+        server.destroy()
+
+
+def test_a_redis_that_refuses_config_is_used_with_a_warning(procs):
+    """A managed Redis often refuses CONFIG: its persistence cannot be told, so the controller
+    starts, and says so."""
+    from tests.support.stores import private_store_or_skip
+
+    server = private_store_or_skip("redis", False, "--rename-command", "CONFIG", "")
+    try:
+        ctl = procs.controller("ctl", free_port(), server.url)
+        assert "cannot tell whether the redis store keeps its data across a restart" in ctl.log_tail(50)
     finally:
         procs.stop_all()
         server.destroy()

@@ -72,15 +72,15 @@ class PrivateRedis(_Daemon):
 
     name = "redis"
 
-    def __init__(self, durable: bool = True) -> None:
+    def __init__(self, durable: bool = True, *extra: str) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server not found")
         super().__init__()
-        self.durable = durable
+        self.durable, self.extra = durable, extra
 
     def command(self) -> list[str]:
         return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "yes" if self.durable else "no", "--daemonize", "no"]
+                "--save", "", "--appendonly", "yes" if self.durable else "no", "--daemonize", "no", *self.extra]
 
     def answers(self) -> bool:
         import redis
@@ -141,7 +141,7 @@ class PrivateMariaDB(_Daemon):
         return f"mysql://root@127.0.0.1:{self.port}/modelfleet"
 
 
-def private_store_or_skip(kind: str, **kwargs: object) -> PrivatePostgres | PrivateMariaDB | PrivateRedis:
+def private_store_or_skip(kind: str, *args: object) -> PrivatePostgres | PrivateMariaDB | PrivateRedis:
     """A started private server of ``kind`` (postgresql, mariadb, redis); skips (fails in CI)
     when this machine cannot run one."""
     import pytest
@@ -149,7 +149,7 @@ def private_store_or_skip(kind: str, **kwargs: object) -> PrivatePostgres | Priv
     make = {"postgresql": PrivatePostgres, "mariadb": PrivateMariaDB, "redis": PrivateRedis}[kind]
     server = None
     try:
-        server = make(**kwargs)  # type: ignore[arg-type]
+        server = make(*args)  # type: ignore[arg-type]
         server.start()
     except (RuntimeError, OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         if server is not None:
