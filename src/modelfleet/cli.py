@@ -731,18 +731,20 @@ def keys_revoke(key_id: str, controller: ControllerOpt = DEFAULT_CONTROLLER,
 
 
 @keys_app.command("open")
-def keys_open(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None) -> None:
+def keys_open(controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+              admin_token_file: AdminTokenFileOpt = None) -> None:
     """Let inference run WITHOUT an API key again (refused while a key is not revoked).
 
     Once a key was created, inference needs one even when every key is revoked or the key
     table is lost: opening it is this explicit act, logged by the controller."""
-    call(client(controller, admin_token).request, "POST", "/v1/cluster/keys/open")
+    call(client(controller, admin_token, admin_token_file).request, "POST", "/v1/cluster/keys/open")
     console.print("inference is OPEN: gateways serve requests without an API key after their next refresh")
 
 
 @store_app.command("accept")
 def store_accept(
-    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None, as_json: JsonOpt = False,
+    controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
+    admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
     replaces: Annotated[str | None, typer.Option(
         help="Cluster id the gateways still serve (their log names it), when no running controller knows it.")
     ] = None,
@@ -752,7 +754,8 @@ def store_accept(
     Deployments and keys it lost are gone: deploy again. Gateways take the new store's tables;
     API keys stay required if they were."""
     params = {"replaces": replaces} if replaces else None
-    data = call(client(controller, admin_token).request, "POST", "/v1/cluster/store/accept", params=params)
+    data = call(client(controller, admin_token, admin_token_file).request, "POST", "/v1/cluster/store/accept",
+                params=params)
     if as_json:
         print(json.dumps(data, indent=2))
     elif data["accepted"]:
