@@ -14,6 +14,7 @@ from modelfleet.gateway.client_timeouts import BODY, HEADERS, IDLE, ClientTimeou
 from modelfleet.gateway.routes import keep_missing, parse_routes
 from modelfleet.gateway.validate import CHAT, COMPLETIONS, EMBEDDINGS, check, wrong_endpoint
 from modelfleet.models import Deployment, Instance, InstanceState
+from modelfleet.store.base import ClusterMeta
 
 USER = {"role": "user", "content": "hi"}
 
@@ -249,6 +250,7 @@ def test_route_table_carries_endpoints_to_the_gateway() -> None:
             instances=[declared],
             deployments=deps,
             api_keys=[],
+            meta=ClusterMeta(cluster_id="c-1"),
         )
 
     payload = payload_at(3)
