@@ -31,8 +31,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def chat_status(cluster: Cluster, key: str | None = None) -> int:
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{cluster.gateway_url}/v1/chat/completions", json=chat_body(), headers=headers,
-                      timeout=10).status_code
+    return httpx.post(
+        f"{cluster.gateway_url}/v1/chat/completions", json=chat_body(), headers=headers, timeout=10
+    ).status_code
 
 
 def create_key(ctl: str) -> str:
@@ -66,8 +67,7 @@ async def test_redis_without_persistence_restarted_keeps_keys_required(procs: Pr
 
         url = f"{cluster.gateway_url}/v1/chat/completions"
         stop = asyncio.Event()
-        keyed = asyncio.create_task(run_load(url, 10**7, 4, chat_body(), {"authorization": f"Bearer {key}"},
-                                             stop=stop))
+        keyed = asyncio.create_task(run_load(url, 10**7, 4, chat_body(), {"authorization": f"Bearer {key}"}, stop=stop))
         anonymous = asyncio.create_task(run_load(url, 10**7, 2, chat_body(), stop=stop))
         await asyncio.sleep(1.0)
         await asyncio.to_thread(server.stop)
@@ -86,8 +86,10 @@ async def test_redis_without_persistence_restarted_keeps_keys_required(procs: Pr
         await asyncio.sleep(3.0)  # the gateway goes on serving from its last good table
         stop.set()
         with_key, without_key = await keyed, await anonymous
-        print(f"\nwith the key: {len(with_key.outcomes)} sent, {len(with_key.failed)} failed; "
-              f"without: {len(without_key.outcomes)} sent, statuses {sorted({o.status for o in without_key.outcomes})}")
+        print(
+            f"\nwith the key: {len(with_key.outcomes)} sent, {len(with_key.failed)} failed; "
+            f"without: {len(without_key.outcomes)} sent, statuses {sorted({o.status for o in without_key.outcomes})}"
+        )
         assert len(with_key.outcomes) > 100 and with_key.failed == [], with_key.failed[:3]
         assert without_key.outcomes and {o.status for o in without_key.outcomes} == {401}
 

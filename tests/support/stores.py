@@ -7,11 +7,14 @@ has ``url``, ``start()``, ``stop()`` (a clean stop, as an operator's restart doe
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import IN_CI, free_port, port_open
@@ -33,8 +36,9 @@ class _Daemon:
 
     def start(self, timeout: float = 60.0) -> None:
         log = open(self.dir / f"{self.name}.log", "ab")
-        self.popen = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while not self.answers():
@@ -79,8 +83,22 @@ class PrivateRedis(_Daemon):
         self.durable, self.extra = durable, extra
 
     def command(self) -> list[str]:
-        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "yes" if self.durable else "no", "--daemonize", "no", *self.extra]
+        return [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.durable else "no",
+            "--daemonize",
+            "no",
+            *self.extra,
+        ]
 
     def answers(self) -> bool:
         import redis
@@ -105,16 +123,35 @@ class PrivateMariaDB(_Daemon):
         if shutil.which("mariadb-install-db") is None or not Path("/usr/sbin/mariadbd").exists():
             raise RuntimeError("mariadb-install-db / mariadbd not found")
         super().__init__()
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.dir / 'data'}",
-                        "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={self.dir / 'data'}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--user=root",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         self._created = False
 
     def command(self) -> list[str]:
-        return ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={self.dir / 'data'}", f"--port={self.port}",
-                "--bind-address=127.0.0.1", f"--socket={self.dir / 'mysqld.sock'}", "--user=root",
-                f"--pid-file={self.dir / 'mysqld.pid'}", "--skip-log-bin", "--innodb-flush-log-at-trx-commit=2",
-                "--skip-name-resolve"]
+        return [
+            "/usr/sbin/mariadbd",
+            "--no-defaults",
+            f"--datadir={self.dir / 'data'}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={self.dir / 'mysqld.sock'}",
+            "--user=root",
+            f"--pid-file={self.dir / 'mysqld.pid'}",
+            "--skip-log-bin",
+            "--innodb-flush-log-at-trx-commit=2",
+            "--skip-name-resolve",
+        ]
 
     def answers(self) -> bool:
         import pymysql
@@ -141,15 +178,19 @@ class PrivateMariaDB(_Daemon):
         return f"mysql://root@127.0.0.1:{self.port}/modelfleet"
 
 
-def private_store_or_skip(kind: str, *args: object) -> PrivatePostgres | PrivateMariaDB | PrivateRedis:
+PrivateStore = PrivatePostgres | PrivateMariaDB | PrivateRedis
+_SERVERS = {"postgresql": PrivatePostgres, "mariadb": PrivateMariaDB, "redis": PrivateRedis}
+
+
+def private_store_or_skip(kind: str, *args: object, prepared: Future[PrivateStore] | None = None) -> PrivateStore:
     """A started private server of ``kind`` (postgresql, mariadb, redis); skips (fails in CI)
-    when this machine cannot run one."""
+    when this machine cannot run one. ``prepared``: one whose data directory is being created
+    in the background already (``initdb`` and ``mariadb-install-db`` take seconds)."""
     import pytest
 
-    make = {"postgresql": PrivatePostgres, "mariadb": PrivateMariaDB, "redis": PrivateRedis}[kind]
     server = None
     try:
-        server = make(*args)  # type: ignore[arg-type]
+        server = prepared.result() if prepared is not None else _SERVERS[kind](*args)  # type: ignore[arg-type]
         server.start()
     except (RuntimeError, OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         if server is not None:
@@ -158,3 +199,17 @@ def private_store_or_skip(kind: str, *args: object) -> PrivatePostgres | Private
             pytest.fail(f"cannot run a private {kind} server: {exc}")
         pytest.skip(f"cannot run a private {kind} server: {exc}")
     return server
+
+
+@contextlib.contextmanager
+def prepared_stores(*kinds: str) -> Iterator[dict[str, Future[PrivateStore]]]:
+    """Create the data directories of private servers of ``kinds`` in the background while
+    other tests run; every one is destroyed at the end, started or not."""
+    with ThreadPoolExecutor(max_workers=len(kinds)) as pool:
+        futures = {kind: pool.submit(_SERVERS[kind]) for kind in kinds}
+        try:
+            yield futures
+        finally:
+            for future in futures.values():
+                with contextlib.suppress(Exception):
+                    future.result().destroy()
