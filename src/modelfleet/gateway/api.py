@@ -101,6 +101,7 @@ class GatewayApp:
         self._grace: Grace | None = None  # a hold on missing instances: see routes.keep_missing
         self._publisher: asyncio.Task[None] | None = None
         self._started = False
+        self.draining = False  # shutting down: not ready, still serving (app.DrainingServer)
         self.other = self._build_app()
 
     # -- ASGI -----------------------------------------------------------------------------
@@ -268,9 +269,9 @@ class GatewayApp:
 
     async def ready(self, _: Request) -> Response:
         n = len(self.pool.instances)
-        ok = is_ready(self.watcher.freshness, n)
-        return json_response({"ready": ok, "route_table": self._table_view(), "instances": n,
-                              "models": len(self.pool.models)}, 200 if ok else 503)
+        ok = is_ready(self.watcher.freshness, n) and not self.draining
+        return json_response({"ready": ok, "draining": self.draining, "route_table": self._table_view(),
+                              "instances": n, "models": len(self.pool.models)}, 200 if ok else 503)
 
     async def metrics_endpoint(self, _: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ counts, queues, ejections): see docs/gateway.md for what that splits."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -16,11 +17,12 @@ import socket
 import sys
 import tempfile
 import time
+from types import FrameType
 
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
-from modelfleet.gateway.api import create_app
+from modelfleet.gateway.api import GatewayApp, create_app
 from modelfleet.gateway.client_timeouts import ClientTimeouts, guarded_protocol
 from modelfleet.gateway.metrics import MULTIPROC_ENV
 
@@ -65,7 +67,38 @@ def serve(settings: GatewaySettings, process_index: int = 0) -> None:
         # uvicorn's own limit would answer 503 before our admission does; ours is per model.
         limit_concurrency=None,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config, settings.shutdown_delay_s).run(sockets=[sock])
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain delay: the first SIGTERM/SIGINT turns readiness off
+    (``GatewayApp.draining``) and keeps the port open ``delay_s``; then uvicorn's own graceful
+    shutdown runs (stop accepting, let requests in flight finish). A second signal during
+    the delay stops at once."""
+
+    def __init__(self, config: uvicorn.Config, delay_s: float) -> None:
+        super().__init__(config)
+        self.delay_s = delay_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.app
+        if self.delay_s <= 0 or self._loop is None or not isinstance(app, GatewayApp) or app.draining:
+            return super().handle_exit(sig, frame)
+        app.draining = True
+        # A signal handler runs between two bytecodes of whatever the loop was doing: hand
+        # the rest to the loop.
+        self._loop.call_soon_threadsafe(self._drain, sig)
+
+    def _drain(self, sig: int) -> None:
+        log.info("gateway: %s: not ready; serving %.1f s more, then closing the port and finishing "
+                 "requests in flight", signal.Signals(sig).name, self.delay_s)
+        assert self._loop is not None
+        self._loop.call_later(self.delay_s, super().handle_exit, sig, None)
 
 
 def run_gateway(settings: GatewaySettings) -> None:
@@ -110,7 +143,7 @@ def run_gateway(settings: GatewaySettings) -> None:
                     mark_process_dead(p.pid, metrics_dir)  # its live gauges no longer count
                 start(i)
     for p in procs.values():
-        p.join(timeout=15)
+        p.join(timeout=15 + settings.shutdown_delay_s)
         if p.is_alive() and p.pid:
             os.kill(p.pid, signal.SIGKILL)
     shutil.rmtree(metrics_dir, ignore_errors=True)

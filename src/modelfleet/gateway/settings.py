@@ -60,6 +60,10 @@ class GatewaySettings:
     processes: int = 1
     # Names this gateway in events sent to controllers; default host:port.
     gateway_id: str = ""
+    # On SIGTERM/SIGINT: /health/ready answers 503 at once while the port keeps serving this
+    # many seconds (a load balancer polling readiness moves away first); then the port
+    # closes and requests in flight finish. 0: close the port at once.
+    shutdown_delay_s: float = 0.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
