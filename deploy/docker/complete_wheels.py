@@ -77,8 +77,9 @@ def complete(env: dict[str, str], dest: Path, search: list[Path], roots: list[st
         whl = wheels.get(name)
         if whl is None:
             spec = f"{req.name}{req.specifier}"
-            subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec],
-                           check=True)
+            subprocess.run(
+                [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec], check=True
+            )
             added.append(spec)
             wheels = index_wheels([dest, *search])
             whl = wheels[name]

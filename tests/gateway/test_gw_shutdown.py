@@ -42,8 +42,12 @@ def test_sigterm_turns_readiness_off_then_closes_the_port_and_finishes_requests_
     t_term = time.monotonic()
     cluster.gateway_proc.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     # Readiness off at once, while new requests are still served.
-    ready = wait_for(lambda: (r := httpx.get(f"{url}/health/ready", timeout=2)).status_code == 503 and r, 1.0,
-                     interval=0.02, what="readiness to turn off")
+    ready = wait_for(
+        lambda: (r := httpx.get(f"{url}/health/ready", timeout=2)).status_code == 503 and r,
+        1.0,
+        interval=0.02,
+        what="readiness to turn off",
+    )
     assert ready.json()["draining"] is True
     served_while_draining = 0
     while time.monotonic() - t_term < delay - 0.5:
