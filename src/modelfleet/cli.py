@@ -67,6 +67,10 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per state change at INFO: not one per HTTP call (httpx) or per migration plug-in.
+    if logging.getLogger().level > logging.DEBUG:
+        for noisy in ("httpx", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:

@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(1500
 
 MODEL = "smollm2-135m-instruct"
 CONCURRENCY = 4
+SERVICES = ("postgres", "controller-1", "controller-2", "worker-1", "worker-2", "gateway-1", "gateway-2")
 FIGURES: dict[str, Any] = {}
 
 
@@ -144,6 +145,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
                      what=f"gateway {g} ready")
         FIGURES["compose_up_to_ready_s"] = round(time.monotonic() - t_up, 1)
         yield Stack(project, gateways, admin)
+    except BaseException:
+        for service in SERVICES:
+            print(f"\n--- {service}:\n{project.logs(service)}")
+        raise
     finally:
         FIGURES["suite_s"] = round(time.monotonic() - t0, 1)
         out = ROOT / "build" / "container-test.json"
