@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up test lint bench clean-venv services
+.PHONY: install up test lint bench clean-venv services deploy-deps image
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) bash scripts/install.sh
@@ -17,12 +17,20 @@ up: install
 	$(BIN)/modelfleet up
 
 ## Set up, then run ruff and the whole test suite against real PostgreSQL, MariaDB and Redis.
-test: install services
+test: install services deploy-deps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 services:
 	bash scripts/services.sh
+
+## podman, mmdebstrap, podman-compose, promtool for tests/deploy (apt-get, only what is missing).
+deploy-deps:
+	bash scripts/deploy-deps.sh
+
+## Build the images (slim: controller/gateway; cpu: workers) with podman or docker: docs/deploy.md.
+image:
+	bash deploy/docker/build.sh all
 
 lint: install
 	$(BIN)/ruff check src tests bench
