@@ -59,8 +59,14 @@ def build_images() -> dict[str, str]:
     """The modelfleet images (slim, cpu) via deploy/docker/build.sh, which rebuilds only when an
     input changed, and the PostgreSQL stand-in; returns their tags."""
     t0 = time.monotonic()
-    p = subprocess.run(["bash", str(ROOT / "deploy/docker/build.sh"), "all"], capture_output=True, text=True,
-                       env={**env(), "BASE_IMAGE": "debian-local"}, timeout=1800, cwd=ROOT)
+    p = subprocess.run(
+        ["bash", str(ROOT / "deploy/docker/build.sh"), "all"],
+        capture_output=True,
+        text=True,
+        env={**env(), "BASE_IMAGE": "debian-local"},
+        timeout=1800,
+        cwd=ROOT,
+    )
     if p.returncode != 0:
         raise AssertionError(f"deploy/docker/build.sh failed:\n{p.stderr[-4000:]}")
     tags = dict(line.split("=", 1) for line in p.stdout.splitlines() if line.startswith("IMAGE_"))
@@ -94,11 +100,18 @@ class ComposeProject:
 
     def compose(self, *args: str, timeout: float = 300) -> None:
         with open(self.log, "a") as log:
-            p = subprocess.run(["podman-compose", "-p", self.name, *args], cwd=self.dir, env=env(), stdout=log,
-                               stderr=subprocess.STDOUT, timeout=timeout)
+            p = subprocess.run(
+                ["podman-compose", "-p", self.name, *args],
+                cwd=self.dir,
+                env=env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
         if p.returncode != 0:
-            raise AssertionError(f"podman-compose {' '.join(args)} failed; see {self.log}:\n"
-                                 + self.log.read_text()[-3000:])
+            raise AssertionError(
+                f"podman-compose {' '.join(args)} failed; see {self.log}:\n" + self.log.read_text()[-3000:]
+            )
 
     def container(self, service: str) -> str:
         return f"{self.name}_{service}_1"

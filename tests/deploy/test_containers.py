@@ -22,7 +22,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,8 +74,7 @@ class BalancedClient:
             t.join(90)
 
     def _run(self, index: int) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4,
-                "temperature": 0}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0}
         headers = {"authorization": f"Bearer {self.key}"}
         clients = [httpx.Client(base_url=g, headers=headers, timeout=60) for g in self.gateways]
         n = index
@@ -94,8 +92,9 @@ class BalancedClient:
                     result = Result(t0, time.monotonic(), gw, False, f"{type(exc).__name__}: {exc}", attempt > 0)
                     break
                 ok = r.status_code == 200 and bool(r.json()["choices"][0]["message"]["content"] is not None)
-                result = Result(t0, time.monotonic(), gw, ok, "" if ok else f"{r.status_code} {r.text[:200]}",
-                                attempt > 0)
+                result = Result(
+                    t0, time.monotonic(), gw, ok, "" if ok else f"{r.status_code} {r.text[:200]}", attempt > 0
+                )
                 break
             if result is None:
                 result = Result(t0, time.monotonic(), -1, False, "both gateways refused the connection")
@@ -109,15 +108,21 @@ class BalancedClient:
             return [r for r in self.results if r.start >= t_from and (t_to is None or r.start < t_to)]
 
     def wait_requests(self, count: int, after: float, timeout: float = 60) -> None:
-        wait_for(lambda: len([r for r in self.window(after) if r.end > 0]) >= count, timeout,
-                 what=f"{count} requests through the gateways")
+        wait_for(
+            lambda: len([r for r in self.window(after) if r.end > 0]) >= count,
+            timeout,
+            what=f"{count} requests through the gateways",
+        )
 
 
 def summary(results: list[Result]) -> dict[str, Any]:
-    return {"requests": len(results), "failed": sum(not r.ok for r in results),
-            "by_gateway": [sum(r.ok and r.gateway == g for r in results) for g in (0, 1)],
-            "failed_over": sum(r.failed_over for r in results),
-            "errors": sorted({r.detail for r in results if not r.ok})[:5]}
+    return {
+        "requests": len(results),
+        "failed": sum(not r.ok for r in results),
+        "by_gateway": [sum(r.ok and r.gateway == g for r in results) for g in (0, 1)],
+        "failed_over": sum(r.failed_over for r in results),
+        "errors": sorted({r.detail for r in results if not r.ok})[:5],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -126,23 +131,34 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     t0 = time.monotonic()
     images = build_images()
     FIGURES["image_build_s"] = float(images.pop("build_s"))
-    FIGURES["image_mb"] = {"slim": round(image_size_mb(images["IMAGE_SLIM"])),
-                           "cpu": round(image_size_mb(images["IMAGE_CPU"]))}
+    FIGURES["image_mb"] = {
+        "slim": round(image_size_mb(images["IMAGE_SLIM"])),
+        "cpu": round(image_size_mb(images["IMAGE_CPU"])),
+    }
     admin, join = secrets.token_hex(24), secrets.token_hex(24)
     ports = [free_port(), free_port()]
-    project = ComposeProject(tmp_path_factory.mktemp("compose"), {
-        "MODELFLEET_ADMIN_TOKEN": admin, "MODELFLEET_JOIN_TOKEN": join, "POSTGRES_PASSWORD": secrets.token_hex(16),
-        "MODELFLEET_IMAGE": images["IMAGE_SLIM"], "MODELFLEET_WORKER_IMAGE": images["IMAGE_CPU"],
-        "POSTGRES_IMAGE": images["IMAGE_POSTGRES"], "GATEWAY_1_PORT": str(ports[0]),
-        "GATEWAY_2_PORT": str(ports[1]), "MODELFLEET_RESCHEDULE_GRACE": "5",
-    })
+    project = ComposeProject(
+        tmp_path_factory.mktemp("compose"),
+        {
+            "MODELFLEET_ADMIN_TOKEN": admin,
+            "MODELFLEET_JOIN_TOKEN": join,
+            "POSTGRES_PASSWORD": secrets.token_hex(16),
+            "MODELFLEET_IMAGE": images["IMAGE_SLIM"],
+            "MODELFLEET_WORKER_IMAGE": images["IMAGE_CPU"],
+            "POSTGRES_IMAGE": images["IMAGE_POSTGRES"],
+            "GATEWAY_1_PORT": str(ports[0]),
+            "GATEWAY_2_PORT": str(ports[1]),
+            "MODELFLEET_RESCHEDULE_GRACE": "5",
+        },
+    )
     try:
         t_up = time.monotonic()
         project.compose("up", "-d")
         gateways = [f"http://127.0.0.1:{p}" for p in ports]
         for g in gateways:
-            wait_for(lambda g=g: httpx.get(f"{g}/health/ready", timeout=2).status_code == 200, 120,
-                     what=f"gateway {g} ready")
+            wait_for(
+                lambda g=g: httpx.get(f"{g}/health/ready", timeout=2).status_code == 200, 120, what=f"gateway {g} ready"
+            )
         FIGURES["compose_up_to_ready_s"] = round(time.monotonic() - t_up, 1)
         yield Stack(project, gateways, admin)
     except BaseException:
@@ -166,8 +182,13 @@ class Stack:
 
     def cluster(self, method: str, path: str, gateway: int = 0, **kw: Any) -> httpx.Response:
         """The cluster API through a gateway's pass-through to the controllers."""
-        return httpx.request(method, f"{self.gateways[gateway]}/v1/cluster/{path}", timeout=30,
-                             headers={"authorization": f"Bearer {self.admin}"}, **kw)
+        return httpx.request(
+            method,
+            f"{self.gateways[gateway]}/v1/cluster/{path}",
+            timeout=30,
+            headers={"authorization": f"Bearer {self.admin}"},
+            **kw,
+        )
 
     def ready_instances(self) -> list[dict[str, Any]]:
         r = self.cluster("GET", "instances", params={"model": MODEL})
@@ -175,18 +196,31 @@ class Stack:
         return [i for i in r.json()["data"] if i["state"] == "ready"]
 
     def routable(self, gateway: int) -> int:
-        r = httpx.get(f"{self.gateways[gateway]}/v1/gateway/status", timeout=5,
-                      headers={"authorization": f"Bearer {self.admin}"})
-        return sum(sum(i["enabled"] and not i["ejected"] for i in m["instances"])
-                   for m in r.json()["models"] if m["name"] == MODEL)
+        r = httpx.get(
+            f"{self.gateways[gateway]}/v1/gateway/status", timeout=5, headers={"authorization": f"Bearer {self.admin}"}
+        )
+        return sum(
+            sum(i["enabled"] and not i["ejected"] for i in m["instances"])
+            for m in r.json()["models"]
+            if m["name"] == MODEL
+        )
 
 
 def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(stack: Stack) -> None:
     p = stack.project
     # -- a deployment of two replicas (spread: one per worker) and an API key
-    r = stack.cluster("POST", "deployments", json={
-        "name": MODEL, "backend": "llama.cpp", "source": MODEL, "replicas": 2, "max_concurrency": 2,
-        "params": {"n_ctx": 512, "n_threads": 1}})
+    r = stack.cluster(
+        "POST",
+        "deployments",
+        json={
+            "name": MODEL,
+            "backend": "llama.cpp",
+            "source": MODEL,
+            "replicas": 2,
+            "max_concurrency": 2,
+            "params": {"n_ctx": 512, "n_threads": 1},
+        },
+    )
     assert r.status_code in (200, 201), r.text
     t_deploy = time.monotonic()
     wait_for(lambda: len(stack.ready_instances()) == 2, 180, what="2 ready replicas")
@@ -197,9 +231,16 @@ def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(sta
     key, key_id = r.json()["key"], r.json()["id"]
     for g in (0, 1):
         wait_for(lambda g=g: stack.routable(g) == 2, 30, what=f"gateway {g + 1} routes both replicas")
-        wait_for(lambda g=g: httpx.post(f"{stack.gateways[g]}/v1/chat/completions", timeout=30,
-                                        json={"model": MODEL, "messages": []}).status_code == 401, 10,
-                 what=f"gateway {g + 1} requires the key")
+        wait_for(
+            lambda g=g: (
+                httpx.post(
+                    f"{stack.gateways[g]}/v1/chat/completions", timeout=30, json={"model": MODEL, "messages": []}
+                ).status_code
+                == 401
+            ),
+            10,
+            what=f"gateway {g + 1} requires the key",
+        )
 
     client = BalancedClient(stack.gateways, key).start()
     try:
@@ -217,8 +258,11 @@ def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(sta
         mounts = {m["Destination"]: m.get("Name") for m in p.inspect("postgres")["Mounts"]}
         assert mounts["/var/lib/postgresql/data"] == f"{p.name}_pgdata", mounts
         podman("stop", "-t", "30", p.container("postgres"))
-        wait_for(lambda: stack.cluster("GET", "deployments").status_code == 503, 30,
-                 what="controllers to report the store unavailable")
+        wait_for(
+            lambda: stack.cluster("GET", "deployments").status_code == 503,
+            30,
+            what="controllers to report the store unavailable",
+        )
         time.sleep(3)
         podman("rm", p.container("postgres"))
         p.compose("up", "-d", "--no-deps", "postgres")
@@ -250,8 +294,12 @@ def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(sta
         wait_for(lambda: stack.routable(0) == 2, 30, what="gateway 1 routes both replicas")
         t = time.monotonic()
         podman("kill", "-s", "KILL", p.container("worker-2"))  # stays down: podman restarts no killed container
-        wait_for(lambda: [i["worker_id"] for i in stack.ready_instances()] == ["worker-1", "worker-1"], 120,
-                 interval=0.5, what="both replicas ready on worker-1")
+        wait_for(
+            lambda: [i["worker_id"] for i in stack.ready_instances()] == ["worker-1", "worker-1"],
+            120,
+            interval=0.5,
+            what="both replicas ready on worker-1",
+        )
         FIGURES["worker_kill_to_replica_replaced_s"] = round(time.monotonic() - t, 1)
         time.sleep(2)
         s = FIGURES["worker_kill"] = summary(client.window(t))

@@ -51,8 +51,21 @@ def stages() -> dict[str, list[tuple[str, str]]]:
 
 
 def test_containerfile_parses_and_follows_the_rules() -> None:
-    known = {"FROM", "ARG", "RUN", "COPY", "ENV", "USER", "WORKDIR", "EXPOSE", "ENTRYPOINT", "CMD", "LABEL",
-             "STOPSIGNAL", "HEALTHCHECK"}
+    known = {
+        "FROM",
+        "ARG",
+        "RUN",
+        "COPY",
+        "ENV",
+        "USER",
+        "WORKDIR",
+        "EXPOSE",
+        "ENTRYPOINT",
+        "CMD",
+        "LABEL",
+        "STOPSIGNAL",
+        "HEALTHCHECK",
+    }
     ins = instructions()
     assert {w for w, _ in ins} <= known, {w for w, _ in ins} - known
     global_args = {}
@@ -102,7 +115,8 @@ def test_compose_file_wires_the_ha_layout_with_secrets_from_env() -> None:
     text = (COMPOSE / "compose.yaml").read_text()
     doc = yaml.safe_load(text)
     services = doc["services"]
-    assert {"postgres", "controller-1", "controller-2", "worker-1", "worker-2", "gateway-1", "gateway-2"} == set(services)
+    roles = {"postgres", "controller-1", "controller-2", "worker-1", "worker-2", "gateway-1", "gateway-2"}
+    assert set(services) == roles
     assert "pgdata" in doc["volumes"] and "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     both = "http://controller-1:8100,http://controller-2:8100"
     for name, svc in services.items():
@@ -118,8 +132,11 @@ def test_compose_file_wires_the_ha_layout_with_secrets_from_env() -> None:
         if name != "postgres":
             assert svc["restart"] == "unless-stopped" and "healthcheck" in svc, name
     required = set(re.findall(r"\$\{([A-Z_0-9]+):\?", text))
-    example = dict(line.split("=", 1) for line in (COMPOSE / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (COMPOSE / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert required <= set(example), required - set(example)
     assert all(v == "" for v in example.values()), "no value in .env.example"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(COMPOSE / ".env")], cwd=ROOT)

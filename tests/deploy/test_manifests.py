@@ -92,8 +92,11 @@ def strict(schema: Any) -> Any:
     schema with properties and no additionalProperties gets additionalProperties: false."""
     if isinstance(schema, dict):
         out = {k: strict(v) for k, v in schema.items()}
-        if ("properties" in out and "additionalProperties" not in out
-                and not out.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -126,19 +129,30 @@ def validation_errors(doc: dict[str, Any]) -> list[str]:
 def test_every_resource_validates_strictly_against_kubernetes_and_crd_schemas() -> None:
     docs = rendered(monitoring=True)
     kinds = {d["kind"] for _, d in docs}
-    assert {"ServiceMonitor", "PrometheusRule", "ScaledObject", "HorizontalPodAutoscaler", "StatefulSet",
-            "DaemonSet", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    assert {
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ScaledObject",
+        "HorizontalPodAutoscaler",
+        "StatefulSet",
+        "DaemonSet",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    } <= kinds
     errors = {f"{t}: {name_of(d)}": e for t, d in docs if (e := validation_errors(d))}
     assert not errors, json.dumps(errors, indent=1)
 
 
-@pytest.mark.parametrize("target, kind, mutate", [
-    ("overlays/ha", "Deployment", lambda d: pod_spec(d)["containers"][0].update(imagePullPolicyy="Always")),
-    ("overlays/ha", "HorizontalPodAutoscaler", lambda d: d["spec"].update(minReplicas="two")),
-    ("monitoring", "ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(intervall="15s")),
-    ("monitoring", "PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
-    ("overlays/ha-keda", "ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type")),
-])
+@pytest.mark.parametrize(
+    "target, kind, mutate",
+    [
+        ("overlays/ha", "Deployment", lambda d: pod_spec(d)["containers"][0].update(imagePullPolicyy="Always")),
+        ("overlays/ha", "HorizontalPodAutoscaler", lambda d: d["spec"].update(minReplicas="two")),
+        ("monitoring", "ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(intervall="15s")),
+        ("monitoring", "PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
+        ("overlays/ha-keda", "ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type")),
+    ],
+)
 def test_the_validation_catches_a_wrong_field(target: str, kind: str, mutate: Any) -> None:
     doc = copy.deepcopy(next(d for d in render(target) if d["kind"] == kind))
     assert validation_errors(doc) == []
@@ -245,10 +259,17 @@ def test_no_secret_value_in_plain_text() -> None:
                     assert "value" not in env, f"{target} {name_of(d)}/{c['name']}: {env['name']} is a literal"
             for arg in c.get("args", []) + c.get("command", []):
                 assert not re.search(r"--(admin|join)-token(?!-file)|requirepass \w", arg), f"{target}: {arg}"
-    store_urls = [e["value"] for _, d in rendered() if d["kind"] in WORKLOADS for c in containers(d)
-                  for e in c.get("env", []) if e["name"] == "MODELFLEET_STORE"]
-    assert store_urls and all(re.match(r"^(postgresql://[^:@]+@|redis://:\$\(REDIS_PASSWORD\)@|sqlite:)", u)
-                              for u in store_urls), store_urls
+    store_urls = [
+        e["value"]
+        for _, d in rendered()
+        if d["kind"] in WORKLOADS
+        for c in containers(d)
+        for e in c.get("env", [])
+        if e["name"] == "MODELFLEET_STORE"
+    ]
+    assert store_urls and all(
+        re.match(r"^(postgresql://[^:@]+@|redis://:\$\(REDIS_PASSWORD\)@|sqlite:)", u) for u in store_urls
+    ), store_urls
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -287,9 +308,15 @@ def test_autoscaling_and_disruption_budgets_are_sane() -> None:
         if d["kind"] == "PodDisruptionBudget":
             assert ("minAvailable" in d["spec"]) != ("maxUnavailable" in d["spec"]), name_of(d)
             w = next(w for w in workloads(docs) if matches(d["spec"]["selector"]["matchLabels"], pod_labels(w)))
-            floor = min([w["spec"]["replicas"]] + [h["spec"]["minReplicas"] for h in docs
-                                                   if h["kind"] == "HorizontalPodAutoscaler"
-                                                   and h["spec"]["scaleTargetRef"]["name"] == w["metadata"]["name"]])
+            floor = min(
+                [w["spec"]["replicas"]]
+                + [
+                    h["spec"]["minReplicas"]
+                    for h in docs
+                    if h["kind"] == "HorizontalPodAutoscaler"
+                    and h["spec"]["scaleTargetRef"]["name"] == w["metadata"]["name"]
+                ]
+            )
             # Below the replica floor, so that a node drain can always evict one pod.
             assert d["spec"].get("minAvailable", 0) < floor, f"{target} {name_of(d)} blocks every eviction"
 
@@ -327,12 +354,16 @@ def test_network_policies_let_only_gateways_and_workers_reach_controllers_and_on
         pols = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
         assert pols["modelfleet-default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
 
-        def sources(policy: str) -> set[str]:
-            return {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                    for r in pols[policy]["spec"]["ingress"] for p in r["from"]}
+        assert ingress_sources(pols["modelfleet-controller"]) == {"gateway", "worker"}
+        assert ingress_sources(pols[f"modelfleet-{store}"]) == {"controller"}
 
-        assert sources("modelfleet-controller") == {"gateway", "worker"}
-        assert sources(f"modelfleet-{store}") == {"controller"}
+
+def ingress_sources(policy: dict[str, Any]) -> set[str]:
+    return {
+        p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for r in policy["spec"]["ingress"]
+        for p in r["from"]
+    }
 
 
 # ------------------------------------------------------------------------------- monitoring
@@ -354,16 +385,25 @@ def metric_names_in(expr: str) -> set[str]:
 def test_alerts_dashboard_keda_and_adapter_use_only_metrics_modelfleet_exports() -> None:
     rule = next(d for d in render("monitoring") if d["kind"] == "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert set(alerts) == {"ModelfleetModelNoReadyInstance", "ModelfleetControllerStoreDown",
-                           "ModelfleetLeaseFlapping", "ModelfleetGateway5xxRatio", "ModelfleetQueueSaturated"}
+    assert set(alerts) == {
+        "ModelfleetModelNoReadyInstance",
+        "ModelfleetControllerStoreDown",
+        "ModelfleetLeaseFlapping",
+        "ModelfleetGateway5xxRatio",
+        "ModelfleetQueueSaturated",
+    }
     dashboard = json.loads((K8S / "monitoring" / "dashboard.json").read_text())
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len(panels) >= 12
     exprs = list(alerts.values()) + [t["expr"] for p in panels for t in p["targets"]]
-    exprs += [t["metadata"]["query"] for t in next(d for d in render("overlays/ha-keda")
-                                                   if d["kind"] == "ScaledObject")["spec"]["triggers"]]
-    exprs += [r["seriesQuery"] for r in yaml.safe_load((K8S / "monitoring/prometheus-adapter-rules.yaml")
-                                                          .read_text())["rules"]["custom"]]
+    exprs += [
+        t["metadata"]["query"]
+        for t in next(d for d in render("overlays/ha-keda") if d["kind"] == "ScaledObject")["spec"]["triggers"]
+    ]
+    exprs += [
+        r["seriesQuery"]
+        for r in yaml.safe_load((K8S / "monitoring/prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    ]
     used = set().union(*(metric_names_in(e) for e in exprs))
     assert used and used <= exported_metric_names(), used - exported_metric_names()
     cm = next(d for d in render("monitoring") if d["kind"] == "ConfigMap")

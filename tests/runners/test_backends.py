@@ -119,6 +119,18 @@ def test_vllm_command_line_when_installed() -> None:
     assert flag(argv, "--max-num-seqs") == "64" and "--enforce-eager" in argv
 
 
+def test_vllm_runs_with_the_interpreter_named_by_modelfleet_vllm_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vllm image: the worker in its own venv, vLLM in the image's Python."""
+    s = spec("vllm", "meta-llama/Llama-3.2-1B-Instruct", model="l")
+    monkeypatch.setenv("MODELFLEET_VLLM_PYTHON", sys.executable)
+    argv = prepare_launch(s, "127.0.0.1", 30004).argv
+    assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    monkeypatch.setenv("MODELFLEET_VLLM_PYTHON", "/no/such/python3")
+    with pytest.raises(LaunchError) as err:
+        prepare_launch(s, "127.0.0.1", 30004)
+    assert str(err.value) == "backend vllm: MODELFLEET_VLLM_PYTHON=/no/such/python3 is not an executable"
+
+
 def test_openai_attach_is_a_url_not_a_process() -> None:
     assert not uses_process("openai") and uses_process("llama.cpp")
     launch = prepare_launch(spec("openai", "http://10.0.0.7:8000/v1/"), "127.0.0.1", 0)

@@ -6,11 +6,15 @@
 
 SOURCE is a local folder or a Hugging Face repo id already in the local cache (runners
 are offline: HF_HUB_OFFLINE=1). Other vLLM flags go through ``params.args``.
+
+``MODELFLEET_VLLM_PYTHON``: the interpreter that has vLLM, when it is not the worker's own
+(the ``vllm`` image runs the worker in a Python 3.11 venv and vLLM in the image's Python).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from modelfleet.models import InstanceSpec
@@ -27,12 +31,16 @@ from modelfleet.worker.runners.base import (
 
 NAME = "vllm"
 MISSING = "backend vllm needs the vllm extra (pip install 'modelfleet[vllm]')"
+PYTHON_ENV = "MODELFLEET_VLLM_PYTHON"
 KNOWN_PARAMS = frozenset({"n_ctx", "parallel", "n_parallel", "tensor_parallel_size", "gpu_memory_utilization",
                           "dtype", "quantization", "max_num_batched_tokens", "enforce_eager"})
 
 
 def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
-    if importlib.util.find_spec("vllm") is None:
+    python = os.environ.get(PYTHON_ENV)
+    if python and not os.access(python, os.X_OK):
+        raise LaunchError(f"backend vllm: {PYTHON_ENV}={python} is not an executable")
+    if not python and importlib.util.find_spec("vllm") is None:
         raise LaunchError(MISSING)
     source = spec.source or spec.model
     local: Path | None = None
@@ -44,6 +52,8 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
     check_params(params, KNOWN_PARAMS, NAME, "; others through params.args")
     argv = [*python_module_argv("vllm.entrypoints.openai.api_server"), "--model", str(local or source),
             "--served-model-name", spec.model, "--host", host, "--port", str(port)]
+    if python:
+        argv[0] = python
     n_ctx = as_int(params, "n_ctx", NAME)
     if n_ctx:
         argv += ["--max-model-len", str(n_ctx)]
