@@ -1,7 +1,8 @@
 """The HA layout of deploy/compose/compose.yaml, run for real with podman: PostgreSQL on a
-named volume, two controllers, two workers (the cpu image, the bundled SmolLM2 on
-llama.cpp), two gateways. Under load from a real client that balances over both gateways
-(as a load balancer would: a refused connection goes to the other one):
+named volume, two controllers, two workers (the cpu image), two gateways. Under load from a
+real client that balances over both gateways (as a load balancer would: a refused
+connection goes to the other one), on the bundled MiniLM (sentence-transformers, 2 replicas,
+one per worker):
 
 - kill -9 of a controller container: no request fails;
 - PostgreSQL stopped, its container removed and created again from its volume: no request
@@ -10,6 +11,7 @@ llama.cpp), two gateways. Under load from a real client that balances over both 
   serves everything from then on (counted);
 - kill -9 of a worker container that stays down: no request fails, its replica is placed on
   the other worker;
+- the bundled SmolLM2 answers a chat completion on llama.cpp in the image;
 - a graceful stop of each role ends within its grace period.
 
 Select with `-m containers`. Figures are printed (pytest -s) and written to
@@ -33,7 +35,8 @@ from tests.support.procs import wait_for
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(1500)]
 
-MODEL = "smollm2-135m-instruct"
+MODEL = "all-minilm-l6-v2"
+CHAT_MODEL = "smollm2-135m-instruct"
 CONCURRENCY = 4
 SERVICES = ("postgres", "controller-1", "controller-2", "worker-1", "worker-2", "gateway-1", "gateway-2")
 FIGURES: dict[str, Any] = {}
@@ -74,7 +77,7 @@ class BalancedClient:
             t.join(90)
 
     def _run(self, index: int) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0}
+        body = {"model": MODEL, "input": f"request from thread {index}"}
         headers = {"authorization": f"Bearer {self.key}"}
         clients = [httpx.Client(base_url=g, headers=headers, timeout=60) for g in self.gateways]
         n = index
@@ -85,13 +88,13 @@ class BalancedClient:
             result = None
             for attempt, gw in enumerate([first, 1 - first]):
                 try:
-                    r = clients[gw].post("/v1/chat/completions", json=body)
+                    r = clients[gw].post("/v1/embeddings", json=body)
                 except httpx.ConnectError:
                     continue  # refused: nothing was sent, the other gateway takes it
                 except httpx.HTTPError as exc:
                     result = Result(t0, time.monotonic(), gw, False, f"{type(exc).__name__}: {exc}", attempt > 0)
                     break
-                ok = r.status_code == 200 and bool(r.json()["choices"][0]["message"]["content"] is not None)
+                ok = r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
                 result = Result(
                     t0, time.monotonic(), gw, ok, "" if ok else f"{r.status_code} {r.text[:200]}", attempt > 0
                 )
@@ -190,19 +193,19 @@ class Stack:
             **kw,
         )
 
-    def ready_instances(self) -> list[dict[str, Any]]:
-        r = self.cluster("GET", "instances", params={"model": MODEL})
+    def ready_instances(self, model: str = MODEL) -> list[dict[str, Any]]:
+        r = self.cluster("GET", "instances", params={"model": model})
         r.raise_for_status()
         return [i for i in r.json()["data"] if i["state"] == "ready"]
 
-    def routable(self, gateway: int) -> int:
+    def routable(self, gateway: int, model: str = MODEL) -> int:
         r = httpx.get(
             f"{self.gateways[gateway]}/v1/gateway/status", timeout=5, headers={"authorization": f"Bearer {self.admin}"}
         )
         return sum(
             sum(i["enabled"] and not i["ejected"] for i in m["instances"])
             for m in r.json()["models"]
-            if m["name"] == MODEL
+            if m["name"] == model
         )
 
 
@@ -214,11 +217,11 @@ def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(sta
         "deployments",
         json={
             "name": MODEL,
-            "backend": "llama.cpp",
+            "backend": "sentence-transformers",
             "source": MODEL,
             "replicas": 2,
-            "max_concurrency": 2,
-            "params": {"n_ctx": 512, "n_threads": 1},
+            "max_concurrency": 4,
+            "params": {"n_threads": 1},
         },
     )
     assert r.status_code in (200, 201), r.text
@@ -234,7 +237,7 @@ def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(sta
         wait_for(
             lambda g=g: (
                 httpx.post(
-                    f"{stack.gateways[g]}/v1/chat/completions", timeout=30, json={"model": MODEL, "messages": []}
+                    f"{stack.gateways[g]}/v1/embeddings", timeout=30, json={"model": MODEL, "input": "x"}
                 ).status_code
                 == 401
             ),
@@ -307,6 +310,33 @@ def test_ha_layout_survives_a_controller_the_database_a_gateway_and_a_worker(sta
     finally:
         client.close()
     FIGURES["total_requests"] = len(client.results)
+
+    # -- llama.cpp in the image: the bundled chat model answers through the surviving gateway
+    r = stack.cluster(
+        "POST",
+        "deployments",
+        json={
+            "name": CHAT_MODEL,
+            "backend": "llama.cpp",
+            "source": CHAT_MODEL,
+            "replicas": 1,
+            "params": {"n_ctx": 512, "n_threads": 1},
+        },
+    )
+    assert r.status_code in (200, 201), r.text
+    wait_for(lambda: stack.routable(0, CHAT_MODEL) == 1, 180, interval=0.5, what="the chat model routable")
+    r = httpx.post(
+        f"{stack.gateways[0]}/v1/chat/completions",
+        timeout=60,
+        headers={"authorization": f"Bearer {key}"},
+        json={
+            "model": CHAT_MODEL,
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello to the people reading this test."}],
+        },
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
 
     # -- graceful stops end well within their grace period (tini forwards SIGTERM)
     stops = FIGURES["graceful_stop_s"] = {}
