@@ -36,8 +36,11 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 def start_controller(procs, store_url: str) -> tuple[str, object]:
     port = free_port()
+    # The shared test Redis runs without persistence (as CI's does): the controller refuses
+    # such a store unless told, which tests/integration/test_controller_api.py checks.
+    volatile = ["--allow-volatile-store"] if store_url.startswith("redis") else []
     p = procs.controller(
-        "ctl", port, store_url, "--admin-token", ADMIN, "--join-token", JOIN, "--heartbeat-interval", "0.5"
+        "ctl", port, store_url, "--admin-token", ADMIN, "--join-token", JOIN, "--heartbeat-interval", "0.5", *volatile
     )
     return f"http://127.0.0.1:{port}", p
 
