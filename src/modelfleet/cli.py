@@ -61,82 +61,24 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 DEFAULT_CONTROLLER = f"http://127.0.0.1:{DEFAULT_CONTROLLER_PORT}"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per state change at INFO: not one per HTTP call (httpx) or per migration plug-in.
-    if logging.getLogger().level > logging.DEBUG:
-        for noisy in ("httpx", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+LogLevelOpt = Annotated[
+    str, typer.Option("--log-level", envvar="MODELFLEET_LOG_LEVEL", help="debug, info, warning or error.")
+]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option("--log-format", envvar="MODELFLEET_LOG_FORMAT",
+                 help="text (one line per event) or json (one JSON object per line)."),
+]
 
 
-def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise typer.BadParameter(f"{what} must be key=value, got {item!r}")
-        out[k] = v
-    return out
+def setup_logging(role: str, level: str = "INFO", fmt: str | None = None) -> None:
+    """One line per state change at INFO; third-party libraries only from WARNING (logs.py)."""
+    from modelfleet.logs import setup_logging as setup
 
-
-def parse_param_value(v: str) -> Any:
-    """--param n_ctx=2048 -> 2048; true/false -> bool; anything else stays a string."""
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-def fail(msg: str) -> None:
-    err_console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(1)
-
-
-def token(value: str | None, path: str | None, what: str) -> str | None:
-    """--X-token or --X-token-file (one of them); a bad file ends the command with one line."""
     try:
-        return resolve_token(value, path, what)
-    except SecretFileError as exc:
-        fail(str(exc))
-        raise  # unreachable: fail() exits
-
-
-def client(controller: str, admin_token: str | None, admin_token_file: str | None = None) -> ControllerClient:
-    return ControllerClient(split_controllers(controller), token(admin_token, admin_token_file, "admin"))
-
-
-def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except ClusterError as exc:
-        fail(str(exc))
-
-
-def human_bytes(n: int | float | None) -> str:
-    if not n:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*[("-" if v is None else str(v)) for v in r])
-    console.print(table)
+        setup(role, level, fmt)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- roles
@@ -170,13 +112,14 @@ def controller(
                            help="Run on a Redis with neither RDB snapshots nor AOF (a restart of it loses "
                                 "every deployment and key).")
     ] = False,
-    log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a controller: cluster state in a store, answers workers and gateways."""
     from modelfleet.catalog import CatalogError, load_catalog
     from modelfleet.controller.api import ControllerSettings, run_controller
 
-    setup_logging(log_level)
+    setup_logging("controller", log_level, log_format)
     try:
         load_catalog(catalog)
     except CatalogError as exc:
@@ -219,14 +162,15 @@ def worker(
         str | None,
         typer.Option(envvar="MODELFLEET_MODELS_DIR", help="Model cache for remote sources ($MODELFLEET_HOME/models)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a worker agent: registers with a controller, runs model instances on this machine."""
     from pathlib import Path
 
     from modelfleet.worker.agent import WorkerSettings, run_worker
 
-    setup_logging(log_level)
+    setup_logging("worker", log_level, log_format)
     from modelfleet.worker.modelspec import parse_model_flag
 
     settings = WorkerSettings(
@@ -284,13 +228,18 @@ def gateway(
     shutdown_delay: Annotated[
         float, typer.Option(envvar="MODELFLEET_SHUTDOWN_DELAY_S", help="On SIGTERM: not ready, serving this long.")
     ] = 0.0,
-    log_level: Annotated[str, typer.Option(envvar="MODELFLEET_LOG_LEVEL")] = "INFO",
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", envvar="MODELFLEET_ACCESS_LOG",
+                           help="One line per inference request (docs/operations.md).")
+    ] = False,
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a gateway: the OpenAI-compatible front door, routing from its cached route table."""
     from modelfleet.gateway.app import run_gateway
     from modelfleet.gateway.settings import GatewaySettings
 
-    setup_logging(log_level)
+    setup_logging("gateway", log_level, log_format)
     run_gateway(
         GatewaySettings(
             controllers=split_controllers(controller), admin_token=token(admin_token, admin_token_file, "admin"),
@@ -303,6 +252,7 @@ def gateway(
             client_body_timeout_s=client_body_timeout,
             eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
             poll_wait_s=poll_wait, gateway_id=gateway_id, shutdown_delay_s=shutdown_delay,
+            access_log=access_log,
         )
     )
 
@@ -315,14 +265,21 @@ def up(
     worker_port: Annotated[int, typer.Option(envvar="MODELFLEET_WORKER_PORT")] = DEFAULT_WORKER_PORT,
     runner_port_start: Annotated[int, typer.Option(envvar="MODELFLEET_RUNNER_PORT_START")] = DEFAULT_RUNNER_PORT_START,
     no_models: Annotated[bool, typer.Option("--no-models", help="Do not deploy the bundled models.")] = False,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", envvar="MODELFLEET_ACCESS_LOG",
+                           help="The gateway logs one line per request (in logs/gateway.log).")
+    ] = False,
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """A whole cluster on this machine: controller (SQLite), worker, gateway, the bundled models."""
     from modelfleet.up import UpSettings, run_up
 
-    setup_logging("INFO")
+    # Its roles inherit level and format through the environment (logs.setup_logging exports them).
+    setup_logging("up", log_level, log_format)
     raise typer.Exit(run_up(UpSettings(
         home=home, gateway_port=gateway_port, controller_port=controller_port, worker_port=worker_port,
-        runner_port_start=runner_port_start, deploy_bundled=not no_models,
+        runner_port_start=runner_port_start, deploy_bundled=not no_models, access_log=access_log,
     )))
 
 

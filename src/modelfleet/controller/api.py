@@ -827,7 +827,7 @@ def run_controller(settings: ControllerSettings) -> None:
         log.warning("controller runs WITHOUT an admin token: management calls are open to anyone who "
                     "can reach %s:%d", settings.host, settings.port)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False)
+                access_log=False, log_config=None)  # logs go through logs.py
 
 
 def volatile_store_refusal(scheme: str, persistence: Persistence, allowed: bool) -> str | None:

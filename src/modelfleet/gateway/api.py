@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 import modelfleet
 from modelfleet import __version__
 from modelfleet.errors import error_body
+from modelfleet.gateway.access import RequestEdge
 from modelfleet.gateway.auth import bearer_token, key_allowed
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.pool import Pool
@@ -103,17 +104,22 @@ class GatewayApp:
         self._started = False
         self.draining = False  # shutting down: not ready, still serving (app.DrainingServer)
         self.other = self._build_app()
+        # Request ids in and out of every HTTP request, and the access log (access.py).
+        self.edge = RequestEdge(self._http, access=settings.access_log, logged_paths=frozenset(INFERENCE_PATHS))
 
     # -- ASGI -----------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = INFERENCE_PATHS.get(scope["path"])
-            if path is not None and scope["method"] == "POST":
-                return await self.proxy.handle(scope, receive, send, path)
-            return await self.other(scope, receive, _stamped(send))
+            return await self.edge(scope, receive, send)
         if scope["type"] == "lifespan":
             return await self._lifespan(receive, send)
         return await self.other(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = INFERENCE_PATHS.get(scope["path"])
+        if path is not None and scope["method"] == "POST":
+            return await self.proxy.handle(scope, receive, send, path)
+        return await self.other(scope, receive, _stamped(send))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from types import FrameType
@@ -28,6 +27,7 @@ from modelfleet.gateway.metrics import MULTIPROC_ENV
 
 __all__ = ["create_app", "run_gateway", "serve"]
 from modelfleet.gateway.settings import GatewaySettings
+from modelfleet.logs import is_configured, setup_logging
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -62,6 +62,7 @@ def serve(settings: GatewaySettings, process_index: int = 0) -> None:
         loop="uvloop", http=guarded_protocol(timeouts, timed_out), lifespan="on", access_log=False,
         server_header=False,
         log_level=settings.log_level.lower(), timeout_keep_alive=75, backlog=4096,
+        log_config=None,  # uvicorn's own lines go through logs.py (text or JSON) like ours
         # X-Forwarded-For rewriting is a middleware on every request; the gateway does not use it.
         proxy_headers=False,
         # uvicorn's own limit would answer 503 before our admission does; ours is per model.
@@ -150,7 +151,8 @@ def run_gateway(settings: GatewaySettings) -> None:
 
 
 def _setup_logging(level: str) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """As the CLI set it up; a spawned gateway process (or a gateway started from Python)
+    gets the format from MODELFLEET_LOG_FORMAT, which logs.setup_logging exported."""
+    if not is_configured():
+        setup_logging("gateway", level)
     logging.getLogger("modelfleet").setLevel(level.upper())

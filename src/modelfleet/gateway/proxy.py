@@ -27,6 +27,7 @@ import orjson
 
 from modelfleet.errors import error_body
 from modelfleet.gateway import ejection
+from modelfleet.gateway.access import CURRENT as CURRENT_REQUEST
 from modelfleet.gateway.auth import key_allowed
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.pool import Inst, ModelState, NoInstance, Overloaded, Pool
@@ -188,6 +189,8 @@ class Proxy:
         waited = 0.0  # seconds in the queue and at instances: not gateway overhead
         relay: tuple[int, bytes, Any, Inst] | None = None  # the last refusal of an instance
         last_problem = ""
+        rec = CURRENT_REQUEST.get()  # access.RequestEdge: the request id for the instance, attempts
+        request_id = rec.upstream_header if rec is not None else b""
         while True:
             inst = pool.try_acquire(m, tried, session_id)
             if inst.__class__ is not Inst:
@@ -207,6 +210,8 @@ class Proxy:
                 waited += perf_counter() - tq
             assert isinstance(inst, Inst)
             attempt += 1
+            if rec is not None:
+                rec.attempts = attempt
             tu = perf_counter()
             problem = ""
             timed_out = False
@@ -221,7 +226,7 @@ class Proxy:
                 async with asyncio.timeout(None) as abort:
                     inst.aborts.add(abort)
                     try:
-                        conn = await post(inst.endpoint, path, body)
+                        conn = await post(inst.endpoint, path, body, request_id)
                         status = conn.status
                         streaming = stream and status == 200
                         if not streaming:
@@ -316,7 +321,7 @@ class Proxy:
         watch.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.record(model, 200, t0)
-        self.metrics.count_tokens(model, *usage_tokens(prev + last))
+        self.count_tokens(model, usage_tokens(prev + last))
 
     # -- answers ----------------------------------------------------------------------------
     def response_headers(self, raw: Any, inst: Inst | None, t0: float, waited: float,
@@ -342,7 +347,7 @@ class Proxy:
         await send({"type": "http.response.body", "body": data})
         self.record(model, status, t0)
         if status == 200:
-            self.metrics.count_tokens(model, *usage_tokens(data))
+            self.count_tokens(model, usage_tokens(data))
 
     async def fail(self, send: Send, t0: float, model: str, status: int, message: str, *,
                    param: str | None = None, code: str | None = None, retry_after: int | None = None,
@@ -360,8 +365,19 @@ class Proxy:
         await send({"type": "http.response.body", "body": data})
         self.record(model or "-", status, t0)
 
+    def count_tokens(self, model: str, tokens: tuple[int | None, int | None]) -> None:
+        self.metrics.count_tokens(model, *tokens)
+        rec = CURRENT_REQUEST.get()
+        if rec is not None:
+            rec.prompt_tokens, rec.completion_tokens = tokens
+
     def record(self, model: str, status: int, t0: float) -> None:
         elapsed = perf_counter() - t0
+        rec = CURRENT_REQUEST.get()
+        if rec is not None:
+            rec.model = model if model != "-" else rec.model
+            if status == STATUS_CLIENT_GONE:
+                rec.client_gone = True
         self.metrics.count(model, status)
         if model != "-" and model in self.pool.models:
             self.metrics.observe_latency(model, elapsed)

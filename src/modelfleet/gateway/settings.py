@@ -65,6 +65,9 @@ class GatewaySettings:
     # closes and requests in flight finish. 0: close the port at once.
     shutdown_delay_s: float = 0.0
     log_level: str = "info"
+    # One log line per inference request (request id, model, instance, status, timings):
+    # logs.py / docs/operations.md. Off by default (`up`), on in the deploy manifests.
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         self.controllers = split_controllers(self.controllers)

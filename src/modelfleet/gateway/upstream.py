@@ -256,13 +256,14 @@ class UpstreamPool:
         self._all.add(proto)
         return proto
 
-    async def post(self, base_url: str, path: str, body: bytes) -> Connection:
+    async def post(self, base_url: str, path: str, body: bytes, extra_headers: bytes = b"") -> Connection:
         """Send ``body`` to ``base_url + path``; returns the connection once headers are in.
+        ``extra_headers``: whole header lines (``Name: value\\r\\n``), such as the request id.
         The caller reads the body, then ``release()``s it (or ``close()``s on any trouble)."""
         endpoint, head = self._target(base_url, path)
         conn = await self._connect(endpoint)
         try:
-            await conn.send(head + b"%d\r\n\r\n" % len(body) + body, self.header_timeout)
+            await conn.send(head + b"%d\r\n" % len(body) + extra_headers + b"\r\n" + body, self.header_timeout)
         except BaseException:
             conn.close()
             raise

@@ -314,4 +314,4 @@ def run_worker(settings: WorkerSettings) -> None:
     import uvicorn
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False)
+                access_log=False, log_config=None)  # logs go through logs.py

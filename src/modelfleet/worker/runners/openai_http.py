@@ -19,9 +19,12 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from modelfleet.worker.runners.request_log import RequestLog
 
 _TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
           413: "invalid_request_error", 503: "service_unavailable"}
@@ -87,7 +90,7 @@ def build_app(name: str, routes: list[Route], *, lifespan: Callable[..., Any] | 
         return error_response(500, f"internal error in the runner: {type(exc).__name__}: {exc}")
 
     all_routes = [*routes, Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
-    return Starlette(routes=all_routes, lifespan=lifespan,
+    return Starlette(routes=all_routes, lifespan=lifespan, middleware=[Middleware(RequestLog)],
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
 
 
@@ -115,14 +118,20 @@ def start_runner(args: argparse.Namespace) -> logging.Logger:
 
 
 def setup_logging() -> logging.Logger:
-    # The runner's stdout is its log file (the Supervisor redirects it): plain timestamped lines.
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The runner's stdout is its log file (the Supervisor redirects it); format (text or JSON)
+    # and level as the worker's, inherited through MODELFLEET_LOG_FORMAT / _LEVEL (logs.py).
+    from modelfleet.logs import setup_logging as setup
+
+    try:
+        setup("runner", os.environ.get("MODELFLEET_LOG_LEVEL") or "INFO", stream=sys.stdout)
+    except ValueError:
+        setup("runner", "INFO", "text", stream=sys.stdout)
     return logging.getLogger("modelfleet.runner")
 
 
 def serve(app: Starlette, host: str, port: int) -> None:
     import uvicorn
 
-    # No access log: one line per request would drown the load progress and errors.
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=5)
+    # No uvicorn access log: RequestLog writes the one line per request, with its request id.
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=5,
+                log_config=None)
