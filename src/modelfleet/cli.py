@@ -81,6 +81,72 @@ def setup_logging(role: str, level: str = "INFO", fmt: str | None = None) -> Non
         raise typer.BadParameter(str(exc)) from None
 
 
+def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise typer.BadParameter(f"{what} must be key=value, got {item!r}")
+        out[k] = v
+    return out
+
+
+def parse_param_value(v: str) -> Any:
+    """--param n_ctx=2048 -> 2048; true/false -> bool; anything else stays a string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def fail(msg: str) -> None:
+    err_console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(1)
+
+
+def token(value: str | None, path: str | None, what: str) -> str | None:
+    """--X-token or --X-token-file (one of them); a bad file ends the command with one line."""
+    try:
+        return resolve_token(value, path, what)
+    except SecretFileError as exc:
+        fail(str(exc))
+        raise  # unreachable: fail() exits
+
+
+def client(controller: str, admin_token: str | None, admin_token_file: str | None = None) -> ControllerClient:
+    return ControllerClient(split_controllers(controller), token(admin_token, admin_token_file, "admin"))
+
+
+def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ClusterError as exc:
+        fail(str(exc))
+
+
+def human_bytes(n: int | float | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[("-" if v is None else str(v)) for v in r])
+    console.print(table)
+
+
 # --------------------------------------------------------------------------- roles
 @app.command()
 def controller(
@@ -451,11 +517,19 @@ def instances(
     worker: Annotated[str | None, typer.Option(help="Only this worker.")] = None,
     logs: Annotated[str | None, typer.Option("--logs", help="Print the last log lines of this instance.")] = None,
     lines: Annotated[int, typer.Option(help="How many log lines.")] = 50,
+    request: Annotated[
+        str | None, typer.Option("--request", help="With --logs: only the lines of this request id (X-Request-ID).")
+    ] = None,
 ) -> None:
     """Model instances: state, worker, endpoint, restarts, last error (or --logs ID)."""
     c = client(controller, admin_token, admin_token_file)
+    if request and not logs:
+        fail("--request needs --logs INSTANCE")
     if logs:
-        data = call(c.get, f"/v1/cluster/instances/{logs}/logs", lines=lines)
+        params: dict[str, Any] = {"lines": lines}
+        if request:
+            params["request"] = request
+        data = call(c.get, f"/v1/cluster/instances/{logs}/logs", **params)
         if as_json:
             print(json.dumps(data, indent=2))
         else:

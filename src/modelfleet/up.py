@@ -9,6 +9,7 @@ worker (which stops its runners), controller. Each child also dies with this pro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,9 +23,22 @@ from rich.console import Console
 
 from modelfleet.bundled import BUNDLED
 from modelfleet.config import modelfleet_home, private_dir
+from modelfleet.logs import FORMAT_ENV
 from modelfleet.procutil import with_parent_death_signal
 
-console = Console(stderr=True)
+# soft_wrap: a line is never broken at the terminal's width (a URL or a store path stays
+# whole, can be copied and grepped); the terminal wraps it for display if it must.
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+log = logging.getLogger("modelfleet.up")
+
+
+def say(text: str, style: str | None = None, **fields: object) -> None:
+    """One line per state change: plain text, or a JSON log line with ``fields`` under
+    ``--log-format json`` (logs.py), so that a machine reads `up` like any other role."""
+    if os.environ.get(FORMAT_ENV) == "json":
+        log.log(logging.WARNING if style == "red" else logging.INFO, text, extra=fields)
+    else:
+        console.print(text, style=style, markup=False)
 
 
 @dataclass
@@ -36,6 +50,7 @@ class UpSettings:
     runner_port_start: int = 30000
     deploy_bundled: bool = True
     ready_timeout: float = 600.0
+    access_log: bool = False
 
 
 def curl_line(gateway: str, model: str) -> str:
@@ -89,41 +104,102 @@ def ensure_bundled_deployments(controller: str) -> list[str]:
     existing = {d["name"] for d in httpx.get(f"{controller}/v1/cluster/deployments", timeout=10).json()["data"]}
     for m in BUNDLED.values():
         if m.name in existing:
-            console.print(f"deployment {m.name}: found in the store")
+            say(f"deployment {m.name}: found in the store", model=m.name)
             continue
         r = httpx.post(f"{controller}/v1/cluster/deployments", timeout=10, json={
             "name": m.name, "backend": m.backend, "source": m.name, "replicas": 1,
             "max_concurrency": 4 if m.kind == "chat" else 8,
         })
         r.raise_for_status()
-        console.print(f"deployment {m.name}: created ({m.backend})")
+        say(f"deployment {m.name}: created ({m.backend})", model=m.name, backend=m.backend)
     return list(BUNDLED)
 
 
+# A model's state as `up` shows it: the best of its instances' states.
+_RANK = {"pending": 0, "failed": 0, "stopped": 0, "draining": 0, "downloading": 1, "starting": 2, "ready": 3}
+_SHOWN = {"starting": "loading"}  # what a person calls a runner that reads its model
+
+
+@dataclass
+class ModelWatch:
+    state: str = ""
+    progress_step: int = -1  # last download quarter reported
+    error: str | None = None
+
+
+def _download_text(d: dict[str, object]) -> str:
+    done, total = d.get("done") or 0, d.get("total")
+    if d.get("state") == "resolving":
+        return "asking the hub"
+    mib = 1024 * 1024
+    if isinstance(total, int | float) and total and isinstance(done, int | float):
+        return f"{100 * done / total:.0f}% of {total / mib:.1f} MiB"
+    return f"{float(done) / mib:.1f} MiB" if isinstance(done, int | float) else "started"
+
+
+def model_lines(names: list[str], watch: dict[str, ModelWatch], instances: list[dict[str, object]],
+                elapsed_s: float) -> list[str]:
+    """The lines to print for this poll of the instances: a model's state when it changes
+    (pending, downloading with progress by quarters, loading, ready with the time it took),
+    a failure with its reason once. Pure: `up` polls, this decides."""
+    best: dict[str, dict[str, object]] = {}
+    for inst in instances:
+        name = str(inst.get("model"))
+        if name not in names:
+            continue
+        cur = best.get(name)
+        if cur is None or _RANK.get(str(inst.get("state")), 0) > _RANK.get(str(cur.get("state")), 0):
+            best[name] = inst
+    out = []
+    for name in names:
+        w = watch.setdefault(name, ModelWatch())
+        inst = best.get(name, {"state": "pending"})
+        state = str(inst.get("state"))
+        if state == "failed":
+            err = str(inst.get("last_error") or "no reason given").splitlines()[0]
+            if err != w.error:
+                out.append(f"model {name}: failed: {err}")
+                w.error = err
+            continue
+        if state == "downloading" and isinstance(inst.get("download"), dict):
+            d = inst["download"]
+            assert isinstance(d, dict)
+            done, total = d.get("done") or 0, d.get("total")
+            step = int(4 * done / total) if total else 0
+            if state != w.state or step > w.progress_step:
+                out.append(f"model {name}: downloading ({_download_text(d)})")
+                w.progress_step = step
+                w.state = state
+            continue
+        if state == w.state:
+            continue
+        if state == "ready":
+            out.append(f"model {name}: ready in {elapsed_s:.1f} s")
+        elif state == "starting":
+            where = f" on worker {inst['worker_id']}" if inst.get("worker_id") else ""
+            out.append(f"model {name}: loading ({inst.get('backend')}{where})")
+        else:
+            out.append(f"model {name}: {_SHOWN.get(state, state)}")
+        w.state = state
+    return out
+
+
 def wait_models_ready(controller: str, names: list[str], roles: list[Role], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: dict[str, str] = {}
-    with console.status("loading models…") as status:
-        while time.monotonic() < deadline:
-            for role in roles:
-                if not role.alive():
-                    raise RuntimeError(f"{role.name} exited ({role.popen.returncode}); see {role.log_path}")
-            data = httpx.get(f"{controller}/v1/cluster/instances", timeout=10).json()["data"]
-            states = {n: "pending" for n in names}
-            for inst in data:
-                if inst["model"] in states and states[inst["model"]] != "ready":
-                    states[inst["model"]] = inst["state"]
-                    if inst["state"] == "failed":
-                        console.print(f"[red]{inst['model']} failed:[/red] {inst.get('last_error')}")
-            for n, st in states.items():
-                if last.get(n) != st:
-                    console.print(f"model {n}: {st}")
-            last = states
-            status.update("loading models: " + ", ".join(f"{n} {s}" for n, s in states.items()))
-            if all(s == "ready" for s in states.values()):
-                return
-            time.sleep(0.5)
-    raise RuntimeError(f"models not ready after {timeout:.0f} s: {last}")
+    started = time.monotonic()
+    deadline = started + timeout
+    watch: dict[str, ModelWatch] = {}
+    while time.monotonic() < deadline:
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited ({role.popen.returncode}); see {role.log_path}")
+        data = httpx.get(f"{controller}/v1/cluster/instances", timeout=10).json()["data"]
+        for line in model_lines(names, watch, data, time.monotonic() - started):
+            say(line, "red" if ": failed: " in line else None, model=line.split(":")[0].removeprefix("model "))
+        if all(watch[n].state == "ready" for n in names):
+            return
+        time.sleep(0.5)
+    raise RuntimeError("models not ready after {:.0f} s: {}".format(
+        timeout, ", ".join(f"{n} {watch[n].state or 'pending'}" for n in names)))
 
 
 def run_up(s: UpSettings) -> int:
@@ -152,20 +228,26 @@ def run_up(s: UpSettings) -> int:
     # (SIG_IGN is inherited) and Python would then never raise KeyboardInterrupt.
     signal.signal(signal.SIGINT, on_term)
     try:
-        console.print(f"modelfleet up: home {home}")
+        say(f"modelfleet up: home {home}", home=str(home))
+        t0 = time.monotonic()
         roles.append(Role("controller", ["controller", "--store", store, "--host", "127.0.0.1",
                                          "--port", str(s.controller_port)], logs / "controller.log", env))
         wait_http(f"{controller}/health/ready", roles[-1], 60)
-        console.print(f"controller ready at {controller} (store {store})")
+        say(f"controller ready at {controller} (store {store}) in {time.monotonic() - t0:.1f} s",
+            url=controller, store=store)
+        t0 = time.monotonic()
         roles.append(Role("worker", ["worker", "--controller", controller, "--name", "local", "--host", "127.0.0.1",
                                      "--address", "127.0.0.1", "--port", str(s.worker_port),
                                      "--runner-port-start", str(s.runner_port_start)], logs / "worker.log", env))
         wait_http(f"http://127.0.0.1:{s.worker_port}/health/ready", roles[-1], 60)
-        console.print("worker 'local' registered")
+        say(f"worker 'local' registered in {time.monotonic() - t0:.1f} s", worker="local")
+        t0 = time.monotonic()
         roles.append(Role("gateway", ["gateway", "--controller", controller, "--host", "127.0.0.1",
-                                      "--port", str(s.gateway_port)], logs / "gateway.log", env))
+                                      "--port", str(s.gateway_port),
+                                      "--access-log" if s.access_log else "--no-access-log"],
+                          logs / "gateway.log", env))
         wait_http(f"{gateway}/health/live", roles[-1], 60)
-        console.print(f"gateway ready at {gateway}")
+        say(f"gateway ready at {gateway} in {time.monotonic() - t0:.1f} s", url=gateway)
         names = ensure_bundled_deployments(controller) if s.deploy_bundled else []
         if names:
             wait_models_ready(controller, names, roles, s.ready_timeout)
@@ -184,18 +266,18 @@ def run_up(s: UpSettings) -> int:
         while all(r.alive() for r in roles):
             time.sleep(0.5)
         dead = [r for r in roles if not r.alive()]
-        console.print(f"[red]{dead[0].name} exited unexpectedly; see {dead[0].log_path}[/red]")
+        say(f"{dead[0].name} exited unexpectedly; see {dead[0].log_path}", "red", role=dead[0].name)
         return 1
     except KeyboardInterrupt:
         interrupted = True
         return 0
     except RuntimeError as exc:
-        console.print(f"[red]modelfleet up failed:[/red] {exc}")
+        say(f"modelfleet up failed: {exc}", "red")
         return 1
     finally:
         if roles:
-            console.print("stopping…" if interrupted else "stopping what was started…")
+            say("stopping…" if interrupted else "stopping what was started…")
         for role in reversed(roles):
             role.stop()
         if roles:
-            console.print("stopped; no process left behind")
+            say("stopped; no process left behind")

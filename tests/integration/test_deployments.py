@@ -26,7 +26,7 @@ def runners_of(worker_pid: int) -> list[psutil.Process]:
     out = []
     for p in psutil.Process(worker_pid).children(recursive=True):
         try:
-            if "llama_cpp.server" in " ".join(p.cmdline()):
+            if "modelfleet.worker.runners.llama_cpp_server" in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.NoSuchProcess:
             pass

@@ -28,7 +28,8 @@ def test_llama_cpp_command_line() -> None:
              memory=1000, gpu_memory=2000, args=["--seed", 7])
     launch = prepare_launch(s, "0.0.0.0", 30001)
     argv = launch.argv
-    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    # llama-cpp-python's server, through our wrapper that logs request ids (llama_cpp_server.py).
+    assert argv[:3] == [sys.executable, "-m", "modelfleet.worker.runners.llama_cpp_server"]
     assert flag(argv, "--model") == str(BUNDLED["smollm2-135m-instruct"].path())
     assert flag(argv, "--model_alias") == "chat"  # clients send the instance's model name
     assert (flag(argv, "--host"), flag(argv, "--port")) == ("0.0.0.0", "30001")

@@ -34,6 +34,7 @@ from modelfleet.controller.reconciler import Reconciler
 from modelfleet.controller.routes import build_route_table
 from modelfleet.errors import ApiError, error_body, install_error_handlers, validation_error
 from modelfleet.health import alive_worker_ids, is_alive, worker_ttl
+from modelfleet.logs import valid_request_id
 from modelfleet.metrics import (
     CONTROLLER_GC_DELETED,
     CONTROLLER_HEARTBEAT_SECONDS,
@@ -620,18 +621,24 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         return {"data": await instance_views(worker, model)}
 
     @app.get("/v1/cluster/instances/{instance_id:path}/logs")
-    async def instance_logs(instance_id: str, request: Request, lines: int = Query(100, ge=1, le=5000)
-                            ) -> dict[str, Any]:
-        """Runner logs live on the worker's disk; fetch them from its agent."""
+    async def instance_logs(instance_id: str, request: Request, lines: int = Query(100, ge=1, le=5000),
+                            request_id: str | None = Query(None, alias="request")) -> dict[str, Any]:
+        """Runner logs live on the worker's disk; fetch them from its agent (``request``: only
+        the lines naming that request id)."""
         cluster_read(request)
+        if request_id is not None and valid_request_id(request_id) is None:
+            raise ApiError(400, "not a request id (at most 128 of A-Z a-z 0-9 . _ : / + = @ -)", param="request")
         inst = await ctl.store.get_instance(instance_id)
         if inst is None or inst.worker_id is None:
             raise ApiError(404, f"instance {instance_id} not found or not placed")
         w = await ctl.store.get_worker(inst.worker_id)
         if w is None:
             raise ApiError(404, f"worker {inst.worker_id} not found")
+        params: dict[str, Any] = {"lines": lines}
+        if request_id is not None:
+            params["request"] = request_id
         return await call_worker(w, "GET", f"/v1/instances/{instance_id}/logs", s.join_token, timeout_s=5.0,
-                                 params={"lines": lines})
+                                 params=params)
 
     @app.post("/v1/cluster/instances/{instance_id:path}/events", status_code=204)
     async def instance_event(instance_id: str, body: InstanceEventIn, request: Request) -> Response:

@@ -26,6 +26,7 @@ from modelfleet import __version__
 from modelfleet.auth import check_token
 from modelfleet.config import DEFAULT_RUNNER_PORT_START, DEFAULT_WORKER_PORT, hostname, modelfleet_home
 from modelfleet.errors import ApiError, install_error_handlers
+from modelfleet.logs import valid_request_id
 from modelfleet.metrics import (
     WORKER_CONTROLLER_SWITCHES,
     WORKER_HEARTBEATS,
@@ -266,11 +267,15 @@ def create_app(settings: WorkerSettings) -> FastAPI:
         return {"data": [st.model_dump() for st in agent.supervisor.statuses()]}
 
     @app.get("/v1/instances/{instance_id:path}/logs")
-    async def logs(instance_id: str, request: Request, lines: int = Query(100, ge=1, le=5000)) -> dict[str, Any]:
+    async def logs(instance_id: str, request: Request, lines: int = Query(100, ge=1, le=5000),
+                   request_id: str | None = Query(None, alias="request")) -> dict[str, Any]:
         cluster_auth(request)
         if instance_id not in {st.id for st in agent.supervisor.statuses()}:
             raise ApiError(404, f"instance {instance_id} is not on worker {settings.name}")
-        return {"id": instance_id, "worker": settings.name, "lines": agent.supervisor.logs(instance_id, lines)}
+        if request_id is not None and valid_request_id(request_id) is None:
+            raise ApiError(400, "not a request id (at most 128 of A-Z a-z 0-9 . _ : / + = @ -)", param="request")
+        return {"id": instance_id, "worker": settings.name,
+                "lines": agent.supervisor.logs(instance_id, lines, request_id)}
 
     # -- the model cache: `modelfleet models pull` and `modelfleet cache`, through the controller
     @app.post("/v1/models/pull", status_code=202)

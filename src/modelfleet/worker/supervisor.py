@@ -269,11 +269,15 @@ class Supervisor:
                     gpu_memory[i] = gpu_memory.get(i, 0) + share
         return {"memory": memory, "gpu_memory": gpu_memory, "instances": count}
 
-    def logs(self, instance_id: str, lines: int = 100) -> list[str]:
-        """The last ``lines`` lines of the instance's runner log (kept across restarts)."""
+    def logs(self, instance_id: str, lines: int = 100, request_id: str | None = None) -> list[str]:
+        """The last ``lines`` lines of the instance's runner log (kept across restarts); with
+        ``request_id``, the last ``lines`` of those that name it, searched in the last 4 MiB."""
         m = self._instances.get(instance_id)
         path = m.log_path if m is not None else self.log_dir / f"{sanitize_id(instance_id)}.log"
-        return _read_tail(path, max(0, lines))
+        if request_id is None:
+            return _read_tail(path, max(0, lines))
+        found = [line for line in _read_tail(path, 1 << 30) if request_id in line]
+        return found[-lines:] if lines > 0 else []
 
     async def stop_all(self) -> None:
         """Stop every runner (SIGTERM, SIGKILL after stop_grace) and wait until they are gone."""

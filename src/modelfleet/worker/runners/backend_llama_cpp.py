@@ -1,6 +1,7 @@
-"""Backend ``llama.cpp``: llama-cpp-python's own OpenAI server on a GGUF file.
+"""Backend ``llama.cpp``: llama-cpp-python's own OpenAI server on a GGUF file, started through
+llama_cpp_server.py (the same server and flags; its request lines carry the request id).
 
-    python -m llama_cpp.server --model PATH --model_alias NAME --host H --port P \
+    python -m modelfleet.worker.runners.llama_cpp_server --model PATH --model_alias NAME --host H --port P \
         --n_ctx 2048 --n_threads N --n_gpu_layers 0 --interrupt_requests false
 
 Flag names are the fields of llama_cpp/server/settings.py (0.3.36): the server builds its
@@ -107,7 +108,7 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
             settings[key] = value
     if params.get("interrupt_requests") is not None:
         settings["interrupt_requests"] = params["interrupt_requests"]  # an explicit choice wins
-    argv = [*python_module_argv("llama_cpp.server"),
+    argv = [*python_module_argv("modelfleet.worker.runners.llama_cpp_server"),
             "--model", str(model_path), "--model_alias", spec.model, "--host", host, "--port", str(port)]
     for key, value in settings.items():
         argv += [f"--{key}", *_flag_values(value)]
