@@ -202,6 +202,19 @@ def wait_models_ready(controller: str, names: list[str], roles: list[Role], time
         timeout, ", ".join(f"{n} {watch[n].state or 'pending'}" for n in names)))
 
 
+def print_banner(gateway: str, logs: Path, chat_model: str) -> None:
+    console.print(
+        f"\n[bold green]modelfleet is up.[/bold green]\n"
+        f"  OpenAI endpoint: {gateway}/v1\n"
+        f"  web console:     {gateway}/\n"
+        f"  logs:            {logs}\n"
+        f"  try:"
+    )
+    # One unwrapped, unstyled line, so that it can be copied and run as printed.
+    console.print(f"    {curl_line(gateway, chat_model)}", markup=False)
+    console.print(f"  or: modelfleet chat {chat_model}\nCtrl-C stops everything.")
+
+
 def run_up(s: UpSettings) -> int:
     home = Path(s.home).expanduser() if s.home else modelfleet_home()
     logs = home / "logs"
@@ -252,17 +265,12 @@ def run_up(s: UpSettings) -> int:
         if names:
             wait_models_ready(controller, names, roles, s.ready_timeout)
         chat_model = next((m.name for m in BUNDLED.values() if m.kind == "chat"), "MODEL")
-        console.print(
-            f"\n[bold green]modelfleet is up.[/bold green]\n"
-            f"  OpenAI endpoint: {gateway}/v1\n"
-            f"  web console:     {gateway}/\n"
-            f"  logs:            {logs}\n"
-            f"  try:"
-        )
-        # One unwrapped, unstyled line, so that it can be copied and run as printed.
-        console.print(f"    {curl_line(gateway, chat_model)}", soft_wrap=True, markup=False, highlight=False)
-        console.print(f"  or: modelfleet chat {chat_model}\nCtrl-C stops everything.")
-        print(f"READY {gateway}", flush=True)  # one stable line for scripts and tests
+        if os.environ.get(FORMAT_ENV) == "json":
+            say("modelfleet is up", endpoint=f"{gateway}/v1", console=f"{gateway}/", logs=str(logs),
+                curl=curl_line(gateway, chat_model))
+        else:
+            print_banner(gateway, logs, chat_model)
+        print(f"READY {gateway}", flush=True)  # one stable line for scripts and tests (stdout)
         while all(r.alive() for r in roles):
             time.sleep(0.5)
         dead = [r for r in roles if not r.alive()]

@@ -176,6 +176,8 @@ class ScriptedUpstream:
     async def _answer(self, request: web.Request, kind: str, body: dict[str, Any]) -> web.StreamResponse:
         s = self.script
         headers = {"x-upstream-name": s.name}
+        # What the caller sent as X-Request-ID, echoed: a test sees the id the instance got.
+        headers["x-upstream-request-id"] = request.headers.get("x-request-id", "")
         if s.hang:
             await asyncio.Event().wait()
         if s.latency:
