@@ -3,7 +3,9 @@ Ctrl-C (SIGINT) leaves no process; a second `up` finds its deployments in the st
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,16 +13,78 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from tests.conftest import free_port
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
+CHAT, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
+URL = r"http://127\.0\.0\.1:\d+"
+SECONDS = r"\d+\.\d s"
+# Every line `up` may print (text format), whole: a line broken inside a URL or a path, an
+# httpx line or any other chatter fails the test.
+UP_LINES = [
+    r"modelfleet up: home /\S+",
+    rf"controller ready at {URL} \(store sqlite:////\S+/state\.db\) in {SECONDS}",
+    rf"worker 'local' registered in {SECONDS}",
+    rf"gateway ready at {URL} in {SECONDS}",
+    rf"deployment ({CHAT}|{EMB}): (created \((llama\.cpp|sentence-transformers)\)|found in the store)",
+    rf"model ({CHAT}|{EMB}): (pending|downloading \(.+\)|loading \((llama\.cpp|sentence-transformers) on worker "
+    rf"local\)|ready in {SECONDS})",
+    "", "modelfleet is up\\.", rf"  OpenAI endpoint: {URL}/v1", rf"  web console:     {URL}/", r"  logs:            /\S+",
+    "  try:", rf"    curl {URL}/v1/chat/completions .+", rf"  or: modelfleet chat {CHAT}", "Ctrl-C stops everything\\.",
+    rf"READY {URL}", "stopping…", "stopped; no process left behind",
+]
+# The state changes that must be there, in this order for each model.
+UP_STATES = [
+    rf"controller ready at {URL} ", "worker 'local' registered", rf"gateway ready at {URL} in",
+    rf"deployment {CHAT}: created \(llama\.cpp\)", rf"deployment {EMB}: created \(sentence-transformers\)",
+]
+
+
+def check_up_output(lines: list[str]) -> None:
+    """Line by line: nothing from httpx (or any library), nothing broken, every state change."""
+    for line in lines:
+        assert "httpx" not in line and "HTTP Request" not in line, line
+        assert any(re.fullmatch(p, line) for p in UP_LINES), f"unexpected line from `modelfleet up`: {line!r}"
+    for p in UP_STATES:
+        assert any(re.match(p, line) for line in lines), f"no line {p!r} in:\n" + "\n".join(lines)
+    for model, backend in ((CHAT, "llama\\.cpp"), (EMB, "sentence-transformers")):
+        loading = [i for i, line in enumerate(lines) if re.fullmatch(rf"model {model}: loading \({backend}.*", line)]
+        ready = [i for i, line in enumerate(lines) if re.fullmatch(rf"model {model}: ready in {SECONDS}", line)]
+        assert len(loading) == 1 and len(ready) == 1 and loading[0] < ready[0], (model, lines)
+
+
+def runner_lines(controller: str, model: str, request_id: str) -> list[str]:
+    """`modelfleet instances --logs ID --request RID`: the runner's lines about that request."""
+    inst = next(i["id"] for i in httpx.get(f"{controller}/v1/cluster/instances", timeout=10).json()["data"]
+                if i["model"] == model)
+    out: list[str] = []
+
+    def found() -> bool:
+        r = subprocess.run([sys.executable, "-m", "modelfleet.cli", "instances", "--controller", controller,
+                            "--logs", inst, "--request", request_id], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        out[:] = r.stdout.splitlines()
+        return bool(out)
+
+    wait_for(found, 20, interval=0.5, what=f"the runner log line of {request_id}")
+    return out
+
+
+def new_lines(path: Path, offset: int) -> list[str]:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return [line for line in f.read().decode().splitlines() if line.strip()]
+
 
 class Up:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.ports = {k: free_port() for k in ("gateway", "controller", "worker")}
         self.runner_start = free_port()
@@ -28,9 +92,9 @@ class Up:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "modelfleet.cli", "up", "--home", str(home),
              "--gateway-port", str(self.ports["gateway"]), "--controller-port", str(self.ports["controller"]),
-             "--worker-port", str(self.ports["worker"]), "--runner-port-start", str(self.runner_start)],
+             "--worker-port", str(self.ports["worker"]), "--runner-port-start", str(self.runner_start), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")},
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}, **(env or {})},
         )
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -62,7 +126,8 @@ class Up:
 def test_up_serves_bundled_models_and_ctrl_c_leaves_nothing(tmp_path):
     from openai import OpenAI
 
-    up = Up(tmp_path / "home")
+    # 40 columns: a console that wrapped at the terminal's width would break the store line.
+    up = Up(tmp_path / "home", env={"COLUMNS": "40"})
     try:
         gateway = up.wait_ready()
         out = up.output
@@ -96,22 +161,70 @@ def test_up_serves_bundled_models_and_ctrl_c_leaves_nothing(tmp_path):
         r = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and '"choices"' in r.stdout, r.stdout + r.stderr
 
+        # Request ids: the client's comes back (answers and errors alike) and reaches the
+        # runners, whose logs `instances --logs ID --request RID` filters; no access log in `up`.
+        controller = f"http://127.0.0.1:{up.ports['controller']}"
+        r = httpx.post(f"{gateway}/v1/chat/completions", headers={"X-Request-ID": "up-chat-1"}, timeout=60,
+                       json={"model": CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "up-chat-1"
+        r = httpx.post(f"{gateway}/v1/embeddings", headers={"X-Request-ID": "up-emb-1"}, timeout=60,
+                       json={"model": EMB, "input": "a cat"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "up-emb-1"
+        r = httpx.post(f"{gateway}/v1/embeddings", headers={"X-Request-ID": "up-404"}, timeout=60,
+                       json={"model": "nope", "input": "a cat"})
+        assert r.status_code == 404 and r.headers["x-request-id"] == "up-404"
+        for model, rid, path in ((CHAT, "up-chat-1", "/v1/chat/completions"), (EMB, "up-emb-1", "/v1/embeddings")):
+            lines = runner_lines(controller, model, rid)
+            assert len(lines) == 1 and re.search(rf" modelfleet\.runner\.requests: request {rid}: POST {path} "
+                                                 r"-> 200 in \d+\.\d ms$", lines[0]), lines
+        assert "up-chat-1" not in (home / "logs" / "gateway.log").read_text()
+
         pids = [p.pid for p in tree]
         assert up.interrupt() == 0, up.output[-3000:]
         time.sleep(0.5)
         left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert left == [], f"processes left after Ctrl-C: {left}"
         assert "no process left behind" in up.output
+        check_up_output(up.lines)
     finally:
         if up.popen.poll() is None:
             up.popen.kill()
 
-    # A second `up` on the same home finds its deployments again.
-    again = Up(tmp_path / "home")
+    # A second `up` on the same home finds its deployments again; this one logs JSON (every
+    # role: one object per line) with the gateway's access log on.
+    logs = tmp_path / "home" / "logs"
+    offsets = {n: (logs / n).stat().st_size for n in ("controller.log", "worker.log", "gateway.log")}
+    again = Up(tmp_path / "home", "--log-format", "json", "--access-log")
     try:
-        again.wait_ready()
+        gateway = again.wait_ready()
         assert "deployment smollm2-135m-instruct: found in the store" in again.output
         assert "deployment all-minilm-l6-v2: found in the store" in again.output
+        said = [json.loads(line) for line in again.lines if not line.startswith("READY ")]
+        assert {o["role"] for o in said} == {"up"}
+        assert [o["message"] for o in said if o.get("model") == CHAT][-1].startswith(f"model {CHAT}: ready in ")
+        assert said[-1]["message"] == "modelfleet is up" and said[-1]["endpoint"] == f"{gateway}/v1"
+
+        r = httpx.post(f"{gateway}/v1/chat/completions", headers={"X-Request-ID": "up-json-1"}, timeout=60,
+                       json={"model": CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "up-json-1"
+        controller = f"http://127.0.0.1:{again.ports['controller']}"
+        runner = json.loads(runner_lines(controller, CHAT, "up-json-1")[-1])  # the runner logs JSON too
+        assert (runner["role"], runner["request_id"], runner["status"], runner["path"]) == \
+            ("runner", "up-json-1", 200, "/v1/chat/completions")
+
+        def access() -> list[dict]:
+            return [o for o in map(json.loads, new_lines(logs / "gateway.log", offsets["gateway.log"]))
+                    if o.get("request_id") == "up-json-1"]
+
+        wait_for(access, 10, what="the access log line")
+        line = access()[0]
+        assert (line["component"], line["model"], line["instance"], line["status"], line["attempts"]) == \
+            ("modelfleet.gateway.access", CHAT, r.headers["x-modelfleet-instance"], 200, 1)
+        assert line["duration_ms"] >= line["ttfb_ms"] > 0 and line["completion_tokens"] == 4
+        for name, role in (("controller.log", "controller"), ("worker.log", "worker"), ("gateway.log", "gateway")):
+            objs = [json.loads(x) for x in new_lines(logs / name, offsets[name])]  # each line is JSON
+            assert objs and {o["role"] for o in objs} == {role}, name
+            assert all({"time", "level", "component", "message"} <= set(o) for o in objs)
         assert again.interrupt() == 0
     finally:
         if again.popen.poll() is None:
