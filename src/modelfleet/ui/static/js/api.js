@@ -97,6 +97,9 @@ export const api = {
   catalog: () => call("v1/cluster/catalog"),
   deploy: (body) => call("v1/cluster/deployments", { method: "POST", body, timeoutMs: 30000 }),
   drain: (id) => call(`v1/cluster/instances/${enc(id)}/drain`, { method: "POST" }),
+  // The last lines of an instance's runner log; with a request id, only the lines naming it.
+  instanceLogs: (id, { lines = 200, request = "" } = {}) =>
+    call(`v1/cluster/instances/${enc(id)}/logs?lines=${lines}` + (request ? `&request=${enc(request)}` : "")),
   scale: (name, replicas) => call(`v1/cluster/deployments/${enc(name)}`, { method: "PATCH", body: { replicas } }),
   undeploy: (name) => call(`v1/cluster/deployments/${enc(name)}`, { method: "DELETE" }),
   keys: () => call("v1/cluster/keys"),

@@ -201,13 +201,66 @@ function instancesTable(m, manage, app) {
       i.in_flight === null ? "–" : `${i.in_flight} / ${i.max_concurrency}`,
       i.restarts ?? "–",
       h("td", { class: "error-text" }, i.last_error ?? (i.pending_reason ? `pending: ${i.pending_reason}` : "")),
+      h("span", { class: "row-actions" },
+      i.worker_id ? h("button", {
+        class: "ghost small", "data-action": "logs", title: "The runner's log (filter by a request id)",
+        onclick: () => showLogs(i.id),
+      }, "Logs") : "",
       canDrain(i) ? h("button", {
         class: "ghost small", "data-action": "drain", disabled: !manage.ok, title: manage.why ?? "No new requests; stopped after the drain timeout",
         onclick: () => confirm(`Drain ${i.id}? It gets no new requests and stops after the drain timeout.`) &&
           act(app, () => api.drain(i.id), `${i.id} draining`),
-      }, "Drain") : "",
+      }, "Drain") : ""),
     ]),
     (k) => ({ dataset: { instanceId: m.instances[k].id, state: m.instances[k].state } }));
+}
+
+/** The instance log dialog: the runner log's last lines, or those naming one request id
+ *  (X-Request-ID, as the gateway's access log and every answer carry it). Built once. */
+let logsDialog = null;
+
+function showLogs(instanceId) {
+  if (!logsDialog) logsDialog = buildLogsDialog();
+  logsDialog.open(instanceId);
+}
+
+function buildLogsDialog() {
+  const ui = {
+    title: h("h2", {}, "Logs"),
+    request: h("input", { id: "logs-request", type: "search", placeholder: "request id (X-Request-ID)", "aria-label": "request id", maxlength: "128" }),
+    show: h("button", { type: "submit", class: "small", "data-action": "logs-show" }, "Show"),
+    close: h("button", { type: "button", class: "ghost small", "data-action": "logs-close" }, "Close"),
+    status: h("p", { class: "muted", id: "logs-status" }),
+    lines: h("pre", { class: "log-lines", id: "logs-lines" }),
+  };
+  const form = h("form", { class: "logs-filter" }, ui.request, ui.show, ui.close);
+  const dialog = h("dialog", { id: "instance-logs", class: "logs-dialog" }, ui.title, form, ui.status, ui.lines);
+  document.body.append(dialog);
+  let current = null;
+  async function load() {
+    const request = ui.request.value.trim();
+    ui.status.textContent = "Loading…";
+    try {
+      const data = await api.instanceLogs(current, { request });
+      ui.lines.textContent = data.lines.join("\n");
+      ui.status.textContent = `${data.lines.length} line(s) from worker ${data.worker}` +
+        (request ? ` naming request ${request}` : "") + ".";
+    } catch (err) {
+      ui.lines.textContent = "";
+      ui.status.textContent = String(err);
+    }
+  }
+  form.addEventListener("submit", (e) => { e.preventDefault(); load(); });
+  ui.close.addEventListener("click", () => dialog.close());
+  return {
+    open(id) {
+      current = id;
+      ui.title.textContent = `Logs of ${id}`;
+      ui.lines.textContent = "";
+      if (!dialog.open) dialog.showModal();
+      load();
+    },
+  };
 }
 
 function canDrain(i) {
