@@ -170,6 +170,28 @@ def test_api_key_created_in_page_works_then_revoked(page, cluster: UpCluster, sh
     assert "All revoked: inference is closed" in page.locator("#key-list").inner_text()
 
 
+def test_instance_logs_filtered_by_request_id(page, cluster: UpCluster) -> None:
+    """The Logs button shows the runner's log; a request id keeps only that request's lines."""
+    r = httpx.post(f"{cluster.gateway}/v1/chat/completions", headers={"X-Request-ID": "console-rid-1"}, timeout=60,
+                   json={"model": CHAT_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "console-rid-1"
+    inst = r.headers["x-modelfleet-instance"]
+    page.goto("/#/models")
+    row = page.locator(f'section.model[data-model="{CHAT_MODEL}"] tr[data-instance-id="{inst}"]')
+    row.wait_for()
+    row.locator('button[data-action="logs"]').click()
+    lines = page.locator("#logs-lines")
+    page.wait_for_function("() => document.querySelector('#logs-lines')?.textContent.length > 0", timeout=15_000)
+    assert "\n" in lines.inner_text()  # the whole tail, several lines
+    page.fill("#logs-request", "console-rid-1")
+    page.click('button[data-action="logs-show"]')
+    page.wait_for_function("() => document.querySelector('#logs-status')?.textContent.includes('naming request')",
+                           timeout=15_000)
+    text = lines.inner_text()
+    assert text.count("\n") == 0 and "request console-rid-1: POST /v1/chat/completions -> 200" in text, text
+    page.click('button[data-action="logs-close"]')
+
+
 def test_drain_button_shows_instance_draining(page, cluster: UpCluster, shot) -> None:
     instances = httpx.get(f"{cluster.controller}/v1/cluster/instances", timeout=10).json()["data"]
     inst = next(i for i in instances if i["model"] == EMBED_MODEL and i["state"] == "ready")
