@@ -318,7 +318,7 @@ def gateway(
             client_body_timeout_s=client_body_timeout,
             eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
             poll_wait_s=poll_wait, gateway_id=gateway_id, shutdown_delay_s=shutdown_delay,
-            access_log=access_log,
+            access_log=access_log, log_format=log_format or "",
         )
     )
 

@@ -274,7 +274,7 @@ def run_up(s: UpSettings) -> int:
         while all(r.alive() for r in roles):
             time.sleep(0.5)
         dead = [r for r in roles if not r.alive()]
-        say(f"{dead[0].name} exited unexpectedly; see {dead[0].log_path}", "red", role=dead[0].name)
+        say(f"{dead[0].name} exited unexpectedly; see {dead[0].log_path}", "red", exited=dead[0].name)
         return 1
     except KeyboardInterrupt:
         interrupted = True

@@ -15,6 +15,9 @@ def parse(argv: list[str] | None = None) -> GatewaySettings:
     for f in fields(GatewaySettings):
         flag = "--controller" if f.name == "controllers" else "--" + f.name.replace("_", "-")
         kind = str(f.type)
+        if kind.startswith("bool"):  # --access-log / --no-access-log
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=MISSING)
+            continue
         conv = int if kind.startswith("int") else float if kind.startswith("float") else str
         p.add_argument(flag, dest=f.name, type=conv, default=MISSING)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not MISSING}

@@ -46,7 +46,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(settings: GatewaySettings, process_index: int = 0) -> None:
     """Run one gateway process until SIGINT/SIGTERM."""
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     sock = bind_socket(settings.host, settings.port)
     app = create_app(settings, process_index)
     timeouts = ClientTimeouts(settings.client_header_timeout_s, settings.client_body_timeout_s,
@@ -61,8 +61,10 @@ def serve(settings: GatewaySettings, process_index: int = 0) -> None:
         # httptools, plus bounds on clients that stop sending or reading (client_timeouts.py).
         loop="uvloop", http=guarded_protocol(timeouts, timed_out), lifespan="on", access_log=False,
         server_header=False,
-        log_level=settings.log_level.lower(), timeout_keep_alive=75, backlog=4096,
-        log_config=None,  # uvicorn's own lines go through logs.py (text or JSON) like ours
+        timeout_keep_alive=75, backlog=4096,
+        # uvicorn's own lines go through logs.py (text or JSON) like ours, at WARNING unless
+        # --log-level debug (logs.setup_logging sets its loggers' levels; None: uvicorn keeps them).
+        log_config=None, log_level=None,
         # X-Forwarded-For rewriting is a middleware on every request; the gateway does not use it.
         proxy_headers=False,
         # uvicorn's own limit would answer 503 before our admission does; ours is per model.
@@ -108,7 +110,7 @@ def run_gateway(settings: GatewaySettings) -> None:
     if settings.processes <= 1:
         serve(settings, 0)
         return
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     # Metrics shared by the processes (a scrape lands on any one): prometheus_client's
     # multiprocess mode, which every child reads from its environment at import.
     metrics_dir = tempfile.mkdtemp(prefix="modelfleet-gateway-metrics-")
@@ -150,9 +152,10 @@ def run_gateway(settings: GatewaySettings) -> None:
     shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _setup_logging(level: str) -> None:
-    """As the CLI set it up; a spawned gateway process (or a gateway started from Python)
-    gets the format from MODELFLEET_LOG_FORMAT, which logs.setup_logging exported."""
+def _setup_logging(settings: GatewaySettings) -> None:
+    """Once per process: the CLI may have done it; a spawned gateway process or
+    ``python -m modelfleet.gateway`` does it here (format: the setting, else
+    MODELFLEET_LOG_FORMAT, else text)."""
     if not is_configured():
-        setup_logging("gateway", level)
-    logging.getLogger("modelfleet").setLevel(level.upper())
+        setup_logging("gateway", settings.log_level, settings.log_format or None)
+    logging.getLogger("modelfleet").setLevel(settings.log_level.upper())

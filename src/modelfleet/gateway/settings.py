@@ -65,6 +65,8 @@ class GatewaySettings:
     # closes and requests in flight finish. 0: close the port at once.
     shutdown_delay_s: float = 0.0
     log_level: str = "info"
+    # text or json (logs.py); empty: MODELFLEET_LOG_FORMAT, else text.
+    log_format: str = ""
     # One log line per inference request (request id, model, instance, status, timings):
     # logs.py / docs/operations.md. Off by default (`up`), on in the deploy manifests.
     access_log: bool = False
@@ -81,6 +83,8 @@ class GatewaySettings:
             self.gateway_id = f"{socket.gethostname()}:{self.port}"
         if self.max_attempts < 1 or self.processes < 1 or self.eject_after < 1:
             raise ValueError("max_attempts, processes and eject_after must be at least 1")
+        if self.log_format and self.log_format.lower() not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if min(self.client_header_timeout_s, self.client_body_timeout_s, self.send_timeout_s) <= 0:
             raise ValueError("client_header_timeout_s, client_body_timeout_s and send_timeout_s must be positive")
 
@@ -106,8 +110,17 @@ class GatewaySettings:
         return cls(**values)
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _convert(annotation: Any, raw: str) -> Any:
     t = str(annotation)
+    if t.startswith("bool"):
+        if raw.strip().lower() in TRUE:
+            return True
+        if raw.strip().lower() in FALSE:
+            return False
+        raise ValueError(f"not a boolean: {raw!r} (true or false)")
     if t.startswith("int"):
         return int(raw)
     if t.startswith("float"):

@@ -27,7 +27,8 @@ def main() -> None:
 
     def run(app: Any, **kwargs: Any) -> None:
         # Our line per request replaces uvicorn's; uvicorn's own warnings go through logs.py.
-        uvicorn.run(app, **kwargs, access_log=False, log_config=None)
+        # (log_level None: uvicorn's loggers keep the levels logs.py gave them.)
+        uvicorn.run(app, **{**kwargs, "access_log": False, "log_config": None, "log_level": None})
 
     server_main.create_app = create_logged_app  # type: ignore[assignment]
     server_main.uvicorn = SimpleNamespace(run=run)  # type: ignore[assignment]

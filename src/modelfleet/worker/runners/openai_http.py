@@ -133,5 +133,6 @@ def serve(app: Starlette, host: str, port: int) -> None:
     import uvicorn
 
     # No uvicorn access log: RequestLog writes the one line per request, with its request id.
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=5,
+    # log_level None: uvicorn's loggers keep the levels logs.py gave them (WARNING unless debug).
+    uvicorn.run(app, host=host, port=port, log_level=None, access_log=False, timeout_graceful_shutdown=5,
                 log_config=None)
