@@ -33,9 +33,26 @@ ROLE_ENV = "MODELFLEET_LOG_ROLE"
 
 # Libraries that log per call or per step at INFO; kept at WARNING unless --log-level debug.
 THIRD_PARTY = (
-    "httpx", "httpcore", "urllib3", "uvicorn", "uvicorn.error", "uvicorn.access", "alembic", "filelock",
-    "huggingface_hub", "sentence_transformers", "transformers", "asyncio", "multipart", "python_multipart",
-    "aiosqlite", "asyncpg", "redis", "torch", "llama_cpp", "vllm",
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "alembic",
+    "filelock",
+    "huggingface_hub",
+    "sentence_transformers",
+    "transformers",
+    "asyncio",
+    "multipart",
+    "python_multipart",
+    "aiosqlite",
+    "asyncpg",
+    "redis",
+    "torch",
+    "llama_cpp",
+    "vllm",
 )
 
 # The attributes every LogRecord has: anything else on a record came from ``extra=``.
@@ -46,7 +63,7 @@ _HANDLER_MARK = "_modelfleet_handler"
 
 def iso_time(created: float) -> str:
     """UTC, millisecond precision, one fixed width: sortable across machines."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + ".%03dZ" % (int(created * 1000) % 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z"
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -79,8 +96,11 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
-            "time": iso_time(record.created), "level": record.levelname, "role": self.role,
-            "component": record.name, "message": record.getMessage(),
+            "time": iso_time(record.created),
+            "level": record.levelname,
+            "role": self.role,
+            "component": record.name,
+            "message": record.getMessage(),
         }
         for k, v in event_fields(record).items():
             obj.setdefault(k, v)
@@ -103,8 +123,7 @@ def resolve_level(level: str | None) -> int:
     return getattr(logging, value)
 
 
-def setup_logging(role: str, level: str | None = "INFO", fmt: str | None = None,
-                  stream: TextIO | None = None) -> str:
+def setup_logging(role: str, level: str | None = "INFO", fmt: str | None = None, stream: TextIO | None = None) -> str:
     """Configure the root logger of this process for ``role``; returns the format in use.
 
     Raises ValueError on an unknown level or format (the CLI turns it into a usage error).
@@ -139,7 +158,7 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_MAX = 128
 # Letters, digits and the punctuation of common id formats (uuid, ULID, W3C trace ids,
 # "svc:1234/5"); nothing that could split a log line, a header or a JSON string.
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,%d}" % REQUEST_ID_MAX)
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,%d}" % REQUEST_ID_MAX)  # noqa: UP031 (braces of a regex)
 
 
 def valid_request_id(value: str | bytes | None) -> str | None:

@@ -14,8 +14,20 @@ import httpx
 from tests.gateway.conftest import Cluster
 from tests.support.procs import wait_for
 
-ACCESS_FIELDS = {"request_id", "method", "path", "model", "instance", "status", "attempts", "ttfb_ms", "duration_ms",
-                 "prompt_tokens", "completion_tokens", "client_disconnected"}
+ACCESS_FIELDS = {
+    "request_id",
+    "method",
+    "path",
+    "model",
+    "instance",
+    "status",
+    "attempts",
+    "ttfb_ms",
+    "duration_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "client_disconnected",
+}
 
 
 def chat(model: str = "m", **extra: Any) -> dict[str, Any]:
@@ -38,8 +50,11 @@ def access_line(cluster: Cluster, request_id: str) -> dict[str, Any]:
     found: list[dict[str, Any]] = []
 
     def logged() -> bool:
-        found[:] = [o for o in log_objects(cluster)
-                    if o["component"] == "modelfleet.gateway.access" and o.get("request_id") == request_id]
+        found[:] = [
+            o
+            for o in log_objects(cluster)
+            if o["component"] == "modelfleet.gateway.access" and o.get("request_id") == request_id
+        ]
         return bool(found)
 
     wait_for(logged, 10, what=f"access log line of {request_id}")
@@ -62,8 +77,14 @@ def test_request_id_in_and_out_and_in_the_json_access_log(cluster: Cluster) -> N
     assert r.headers["x-upstream-request-id"] == "client-200.a:b/c"
     line = access_line(cluster, "client-200.a:b/c")
     assert ACCESS_FIELDS <= set(line)
-    assert (line["method"], line["path"], line["model"], line["instance"], line["status"], line["attempts"]) == \
-        ("POST", "/v1/chat/completions", "m", "w1/a", 200, 1)
+    assert (line["method"], line["path"], line["model"], line["instance"], line["status"], line["attempts"]) == (
+        "POST",
+        "/v1/chat/completions",
+        "m",
+        "w1/a",
+        200,
+        1,
+    )
     assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
     assert line["completion_tokens"] == r.json()["usage"]["completion_tokens"]
     assert 0 < line["ttfb_ms"] <= line["duration_ms"] and line["client_disconnected"] is False
@@ -78,8 +99,9 @@ def test_request_id_in_and_out_and_in_the_json_access_log(cluster: Cluster) -> N
     # 429: the only slot is taken and there is no queue.
     cluster.control("a", latency=3.0)
     slow: dict[str, httpx.Response] = {}
-    t = threading.Thread(target=lambda: slow.setdefault("r", httpx.post(url, json=chat(), timeout=30,
-                                                                          headers={"X-Request-ID": "slow"})))
+    t = threading.Thread(
+        target=lambda: slow.setdefault("r", httpx.post(url, json=chat(), timeout=30, headers={"X-Request-ID": "slow"}))
+    )
     t.start()
     wait_for(lambda: cluster.status()["models"][0]["in_flight"] == 1, 10, what="the slot taken")
     r = httpx.post(url, json=chat(), headers={"X-Request-ID": "client-429"}, timeout=10)
@@ -91,8 +113,7 @@ def test_request_id_in_and_out_and_in_the_json_access_log(cluster: Cluster) -> N
     cluster.control("a", latency=0)
 
     # A stream carries it too; ttfb is when the first chunk left.
-    with httpx.stream("POST", url, json=chat(stream=True), headers={"X-Request-ID": "client-stream"},
-                      timeout=10) as r:
+    with httpx.stream("POST", url, json=chat(stream=True), headers={"X-Request-ID": "client-stream"}, timeout=10) as r:
         assert r.status_code == 200 and r.headers["x-request-id"] == "client-stream"
         body = r.read()
     assert b"[DONE]" in body
@@ -123,8 +144,9 @@ def test_access_log_is_off_unless_asked(cluster: Cluster) -> None:
     cluster.start_worker().declare("w1/a", "m", cluster.upstream("a"))
     cluster.gateway()  # text format, no --access-log
     cluster.wait_routable("m", 1)
-    r = httpx.post(f"{cluster.gateway_url}/v1/chat/completions", json=chat(), headers={"X-Request-ID": "quiet-1"},
-                   timeout=10)
+    r = httpx.post(
+        f"{cluster.gateway_url}/v1/chat/completions", json=chat(), headers={"X-Request-ID": "quiet-1"}, timeout=10
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "quiet-1"
     assert r.headers["x-upstream-request-id"] == "quiet-1"
     assert cluster.gateway_proc is not None

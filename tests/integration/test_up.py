@@ -35,7 +35,8 @@ UP_LINES = [
     rf"deployment ({CHAT}|{EMB}): (created \((llama\.cpp|sentence-transformers)\)|found in the store)",
     rf"model ({CHAT}|{EMB}): (pending|downloading \(.+\)|loading \((llama\.cpp|sentence-transformers) on worker "
     rf"local\)|ready in {SECONDS})",
-    "", "modelfleet is up\\.", rf"  OpenAI endpoint: {URL}/v1", rf"  web console:     {URL}/", r"  logs:            /\S+",
+    "", "modelfleet is up\\.", rf"  OpenAI endpoint: {URL}/v1", rf"  web console:     {URL}/",
+    r"  logs:            /\S+",
     "  try:", rf"    curl {URL}/v1/chat/completions .+", rf"  or: modelfleet chat {CHAT}", "Ctrl-C stops everything\\.",
     rf"READY {URL}", "stopping…", "stopped; no process left behind",
 ]

@@ -36,17 +36,26 @@ def record(msg: str, *args: object, extra: dict[str, object] | None = None, exc:
             raise ValueError("boom")
         except ValueError:
             exc_info = sys.exc_info()
-    r = logging.getLogger("modelfleet.gateway").makeRecord("modelfleet.gateway", logging.INFO, __file__, 1, msg, args,
-                                                             exc_info, extra=extra)
+    r = logging.getLogger("modelfleet.gateway").makeRecord(
+        "modelfleet.gateway", logging.INFO, __file__, 1, msg, args, exc_info, extra=extra
+    )
     return r
 
 
 def test_text_format_is_one_line_with_utc_time_level_and_component() -> None:
-    line = TextFormatter().format(record("controller ready at %s (store %s)", "http://127.0.0.1:8100",
-                                         "sqlite:////a/very/long/path/" + "x" * 200 + "/state.db",
-                                         extra={"model": "m"}))
-    assert re.fullmatch(ISO + r" INFO modelfleet\.gateway: controller ready at http://127\.0\.0\.1:8100 "
-                        r"\(store sqlite:////a/very/long/path/x{200}/state\.db\)", line), line
+    line = TextFormatter().format(
+        record(
+            "controller ready at %s (store %s)",
+            "http://127.0.0.1:8100",
+            "sqlite:////a/very/long/path/" + "x" * 200 + "/state.db",
+            extra={"model": "m"},
+        )
+    )
+    assert re.fullmatch(
+        ISO + r" INFO modelfleet\.gateway: controller ready at http://127\.0\.0\.1:8100 "
+        r"\(store sqlite:////a/very/long/path/x{200}/state\.db\)",
+        line,
+    ), line
     assert "\n" not in line  # long values are never wrapped
 
 
@@ -58,14 +67,27 @@ def test_text_format_puts_a_traceback_after_the_line() -> None:
 
 
 def test_json_format_carries_role_component_message_and_fields() -> None:
-    obj = json.loads(JsonFormatter("worker").format(record(
-        "instance %s: ready", "w1/m", extra={"instance": "w1/m", "model": "m", "duration_ms": 12.5,
-                                             "path": object()})))
+    obj = json.loads(
+        JsonFormatter("worker").format(
+            record(
+                "instance %s: ready",
+                "w1/m",
+                extra={"instance": "w1/m", "model": "m", "duration_ms": 12.5, "path": object()},
+            )
+        )
+    )
     assert re.fullmatch(ISO, obj.pop("time"))
     path = obj.pop("path")
     assert path.startswith("<object object")  # what JSON cannot hold is written as text
-    assert obj == {"level": "INFO", "role": "worker", "component": "modelfleet.gateway",
-                   "message": "instance w1/m: ready", "instance": "w1/m", "model": "m", "duration_ms": 12.5}
+    assert obj == {
+        "level": "INFO",
+        "role": "worker",
+        "component": "modelfleet.gateway",
+        "message": "instance w1/m: ready",
+        "instance": "w1/m",
+        "model": "m",
+        "duration_ms": 12.5,
+    }
 
 
 def test_json_format_keeps_a_traceback_in_one_field_on_one_line() -> None:
@@ -98,8 +120,7 @@ def clean_root() -> Iterator[None]:
         logging.getLogger(n).setLevel(level)
 
 
-def test_setup_quiets_third_party_at_info_and_not_at_debug(clean_root: None,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_quiets_third_party_at_info_and_not_at_debug(clean_root: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MODELFLEET_LOG_FORMAT", raising=False)
     monkeypatch.delenv("MODELFLEET_LOG_LEVEL", raising=False)
     buf = io.StringIO()
@@ -110,7 +131,9 @@ def test_setup_quiets_third_party_at_info_and_not_at_debug(clean_root: None,
     logging.getLogger("modelfleet.gateway").info("state change", extra={"model": "m"})
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert [(o["component"], o["message"]) for o in lines] == [
-        ("httpx", "a warning still shows"), ("modelfleet.gateway", "state change")]
+        ("httpx", "a warning still shows"),
+        ("modelfleet.gateway", "state change"),
+    ]
     # Children (gateway processes, runners) inherit the choice.
     assert os.environ["MODELFLEET_LOG_FORMAT"] == "json" and os.environ["MODELFLEET_LOG_LEVEL"] == "INFO"
 
@@ -132,8 +155,12 @@ def test_bad_level_or_format_is_refused(clean_root: None, monkeypatch: pytest.Mo
 
 
 def test_cli_refuses_an_unknown_log_format() -> None:
-    r = subprocess.run([sys.executable, "-m", "modelfleet.cli", "controller", "--log-format", "xml"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "modelfleet.cli", "controller", "--log-format", "xml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "log format must be one of text, json" in r.stderr, r.stderr
 
 
@@ -154,13 +181,26 @@ def test_access_line_fields_and_text() -> None:
     rec.model, rec.instance, rec.status, rec.attempts, rec.ttfb_s = "m", "w1/a", 200, 2, 0.0123
     rec.prompt_tokens, rec.completion_tokens = 5, 7
     f = access_fields(rec, "POST", "/v1/chat/completions", 0.5)
-    assert f == {"request_id": "rid-1", "method": "POST", "path": "/v1/chat/completions", "model": "m",
-                 "instance": "w1/a", "status": 200, "attempts": 2, "ttfb_ms": 12.3, "duration_ms": 500.0,
-                 "prompt_tokens": 5, "completion_tokens": 7, "client_disconnected": False}
+    assert f == {
+        "request_id": "rid-1",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "model": "m",
+        "instance": "w1/a",
+        "status": 200,
+        "attempts": 2,
+        "ttfb_ms": 12.3,
+        "duration_ms": 500.0,
+        "prompt_tokens": 5,
+        "completion_tokens": 7,
+        "client_disconnected": False,
+    }
     assert rec.upstream_header == b"X-Request-ID: rid-1\r\n"
-    assert access_message(f) == ("POST /v1/chat/completions request_id=rid-1 model=m instance=w1/a status=200 "
-                                 "attempts=2 ttfb_ms=12.3 duration_ms=500.0 prompt_tokens=5 completion_tokens=7 "
-                                 "client_disconnected=false")
+    assert access_message(f) == (
+        "POST /v1/chat/completions request_id=rid-1 model=m instance=w1/a status=200 "
+        "attempts=2 ttfb_ms=12.3 duration_ms=500.0 prompt_tokens=5 completion_tokens=7 "
+        "client_disconnected=false"
+    )
     # A client that left before any answer: 499 and client_disconnected.
     gone = access_fields(RequestRecord("rid-2"), "POST", "/v1/embeddings", 0.1)
     assert (gone["status"], gone["client_disconnected"], gone["ttfb_ms"]) == (499, True, None)
@@ -178,13 +218,23 @@ def test_up_prints_each_model_state_change_once() -> None:
     assert model_lines(names, watch, [dl], 1.5) == []  # progress by quarters, not every poll
     dl["download"] = {"done": 60 << 20, "total": 100 << 20}
     assert model_lines(names, watch, [dl], 2.0) == ["model chat: downloading (60% of 100.0 MiB)"]
-    starting = [{"model": "chat", "state": "starting", "backend": "llama.cpp", "worker_id": "local"},
-                {"model": "emb", "state": "starting", "backend": "sentence-transformers", "worker_id": "local"},
-                {"model": "other", "state": "failed", "last_error": "not ours"}]
-    assert model_lines(names, watch, starting, 3.0) == ["model chat: loading (llama.cpp on worker local)",
-                                                        "model emb: loading (sentence-transformers on worker local)"]
+    starting = [
+        {"model": "chat", "state": "starting", "backend": "llama.cpp", "worker_id": "local"},
+        {"model": "emb", "state": "starting", "backend": "sentence-transformers", "worker_id": "local"},
+        {"model": "other", "state": "failed", "last_error": "not ours"},
+    ]
+    assert model_lines(names, watch, starting, 3.0) == [
+        "model chat: loading (llama.cpp on worker local)",
+        "model emb: loading (sentence-transformers on worker local)",
+    ]
     # The best instance counts: one ready replica makes the model ready.
-    ready = [{"model": "chat", "state": "ready"}, {"model": "chat", "state": "starting"},
-             {"model": "emb", "state": "failed", "last_error": "out of memory\ntraceback…"}]
-    assert model_lines(names, watch, ready, 12.34) == ["model chat: ready in 12.3 s", "model emb: failed: out of memory"]
+    ready = [
+        {"model": "chat", "state": "ready"},
+        {"model": "chat", "state": "starting"},
+        {"model": "emb", "state": "failed", "last_error": "out of memory\ntraceback…"},
+    ]
+    assert model_lines(names, watch, ready, 12.34) == [
+        "model chat: ready in 12.3 s",
+        "model emb: failed: out of memory",
+    ]
     assert model_lines(names, watch, ready, 13.0) == []  # a failure is said once

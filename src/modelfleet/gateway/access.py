@@ -36,8 +36,18 @@ STATUS_CLIENT_GONE = 499  # nginx's convention: the client left before an answer
 class RequestRecord:
     """What the access log line says about one request; the proxy fills in its part."""
 
-    __slots__ = ("attempts", "client_gone", "completion_tokens", "id", "instance", "model", "prompt_tokens",
-                 "status", "ttfb_s", "upstream_header")
+    __slots__ = (
+        "attempts",
+        "client_gone",
+        "completion_tokens",
+        "id",
+        "instance",
+        "model",
+        "prompt_tokens",
+        "status",
+        "ttfb_s",
+        "upstream_header",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.id = request_id
@@ -72,11 +82,17 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
 def access_fields(rec: RequestRecord, method: str, path: str, duration_s: float) -> dict[str, Any]:
     """The fields of an access log line (also the JSON format's keys)."""
     return {
-        "request_id": rec.id, "method": method, "path": path, "model": rec.model, "instance": rec.instance,
-        "status": rec.status if rec.status is not None else STATUS_CLIENT_GONE, "attempts": rec.attempts,
+        "request_id": rec.id,
+        "method": method,
+        "path": path,
+        "model": rec.model,
+        "instance": rec.instance,
+        "status": rec.status if rec.status is not None else STATUS_CLIENT_GONE,
+        "attempts": rec.attempts,
         "ttfb_ms": None if rec.ttfb_s is None else round(rec.ttfb_s * 1000, 1),
         "duration_ms": round(duration_s * 1000, 1),
-        "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+        "prompt_tokens": rec.prompt_tokens,
+        "completion_tokens": rec.completion_tokens,
         "client_disconnected": rec.client_gone or rec.status is None,
     }
 
@@ -87,10 +103,12 @@ def access_message(f: dict[str, Any]) -> str:
     def v(x: Any) -> str:
         return "-" if x is None else str(x).lower() if isinstance(x, bool) else str(x)
 
-    return (f"{f['method']} {f['path']} request_id={f['request_id']} model={v(f['model'])} "
-            f"instance={v(f['instance'])} status={f['status']} attempts={f['attempts']} ttfb_ms={v(f['ttfb_ms'])} "
-            f"duration_ms={f['duration_ms']} prompt_tokens={v(f['prompt_tokens'])} "
-            f"completion_tokens={v(f['completion_tokens'])} client_disconnected={v(f['client_disconnected'])}")
+    return (
+        f"{f['method']} {f['path']} request_id={f['request_id']} model={v(f['model'])} "
+        f"instance={v(f['instance'])} status={f['status']} attempts={f['attempts']} ttfb_ms={v(f['ttfb_ms'])} "
+        f"duration_ms={f['duration_ms']} prompt_tokens={v(f['prompt_tokens'])} "
+        f"completion_tokens={v(f['completion_tokens'])} client_disconnected={v(f['client_disconnected'])}"
+    )
 
 
 class RequestEdge:

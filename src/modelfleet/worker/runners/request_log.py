@@ -46,6 +46,12 @@ class RequestLog:
             await self.app(scope, receive, send_status)
         finally:
             ms = round((perf_counter() - t0) * 1000, 1)
-            log.info("request %s: %s %s -> %s in %.1f ms", rid, scope["method"], scope["path"],
-                     status or "no answer (client gone)", ms,
-                     extra={"request_id": rid, "path": scope["path"], "status": status or None, "duration_ms": ms})
+            log.info(
+                "request %s: %s %s -> %s in %.1f ms",
+                rid,
+                scope["method"],
+                scope["path"],
+                status or "no answer (client gone)",
+                ms,
+                extra={"request_id": rid, "path": scope["path"], "status": status or None, "duration_ms": ms},
+            )
