@@ -77,6 +77,26 @@ async def test_chat(llama) -> None:
     assert r.model == MODEL
 
 
+async def test_request_id_in_the_runner_log_whatever_its_form(llama) -> None:
+    """The gateway's X-Request-ID is in the runner's line for the request. llama-cpp-python's
+    own middleware answers 400 to an id that is not a UUID; our wrapper keeps it from it."""
+    sup, spec = llama
+    endpoint = status_of(sup, spec.id).endpoint  # type: ignore[union-attr]
+    async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+        for rid in ("client-chosen:42/a", "0123456789abcdef0123456789abcdef"):
+            r = await http.post(f"{endpoint}/v1/chat/completions", headers={"X-Request-ID": rid},
+                                json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            for _ in range(50):
+                lines = sup.logs(spec.id, 10, request_id=rid)
+                if lines:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(lines) == 1, lines
+            assert lines[0].endswith(" ms"), lines
+            assert f"modelfleet.runner.requests: request {rid}: POST /v1/chat/completions -> 200 in " in lines[0]
+
+
 async def test_streaming_chat(llama) -> None:
     sup, spec = llama
     client = client_for(status_of(sup, spec.id).endpoint)  # type: ignore[union-attr]

@@ -23,7 +23,9 @@ def main() -> None:
     create_app = server_main.create_app
 
     def create_logged_app(*args: Any, **kwargs: Any) -> Any:
-        return RequestLog(create_app(*args, **kwargs))
+        # hide_id: its starlette-context middleware refuses (400) an X-Request-ID that is not a
+        # UUID, and clients choose their ids; we log the id, it has no use for it.
+        return RequestLog(create_app(*args, **kwargs), hide_id=True)
 
     def run(app: Any, **kwargs: Any) -> None:
         # Our line per request replaces uvicorn's; uvicorn's own warnings go through logs.py.

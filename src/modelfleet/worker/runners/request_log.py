@@ -22,8 +22,11 @@ log = logging.getLogger("modelfleet.runner.requests")
 class RequestLog:
     """ASGI wrapper: ``request RID: POST /v1/embeddings -> 200 in 12.3 ms`` per POST."""
 
-    def __init__(self, app: Callable[..., Any]) -> None:
+    def __init__(self, app: Callable[..., Any], *, hide_id: bool = False) -> None:
         self.app = app
+        # hide_id: the app behind must not see X-Request-ID. llama-cpp-python's server
+        # (starlette-context's RequestIdPlugin) answers 400 to one that is not a UUID.
+        self.hide_id = hide_id
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -34,6 +37,8 @@ class RequestLog:
             if k == b"x-request-id":
                 rid = valid_request_id(v) or "-"  # what the gateway sent is always valid
                 break
+        if self.hide_id:
+            scope = {**scope, "headers": [h for h in scope["headers"] if h[0] != b"x-request-id"]}
         status = 0
 
         async def send_status(message: dict[str, Any]) -> None:
