@@ -179,6 +179,10 @@ def test_up_serves_bundled_models_and_ctrl_c_leaves_nothing(tmp_path):
             assert len(lines) == 1 and re.search(rf" modelfleet\.runner\.requests: request {rid}: POST {path} "
                                                  r"-> 200 in \d+\.\d ms$", lines[0]), lines
         assert "up-chat-1" not in (home / "logs" / "gateway.log").read_text()
+        # A malformed id to filter by is refused, in the API's error format.
+        some = httpx.get(f"{controller}/v1/cluster/instances", timeout=10).json()["data"][0]["id"]
+        bad = httpx.get(f"{controller}/v1/cluster/instances/{some}/logs", params={"request": "a b"}, timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "request", bad.text
 
         pids = [p.pid for p in tree]
         assert up.interrupt() == 0, up.output[-3000:]
