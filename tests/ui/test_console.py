@@ -170,7 +170,7 @@ def test_api_key_created_in_page_works_then_revoked(page, cluster: UpCluster, sh
     assert "All revoked: inference is closed" in page.locator("#key-list").inner_text()
 
 
-def test_instance_logs_filtered_by_request_id(page, cluster: UpCluster) -> None:
+def test_instance_logs_filtered_by_request_id(page, cluster: UpCluster, shot) -> None:
     """The Logs button shows the runner's log; a request id keeps only that request's lines."""
     r = httpx.post(f"{cluster.gateway}/v1/chat/completions", headers={"X-Request-ID": "console-rid-1"}, timeout=60,
                    json={"model": CHAT_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
@@ -189,6 +189,7 @@ def test_instance_logs_filtered_by_request_id(page, cluster: UpCluster) -> None:
                            timeout=15_000)
     text = lines.inner_text()
     assert text.count("\n") == 0 and "request console-rid-1: POST /v1/chat/completions -> 200" in text, text
+    shot(page, "instance-logs")
     page.click('button[data-action="logs-close"]')
 
 
