@@ -238,3 +238,19 @@ def test_up_prints_each_model_state_change_once() -> None:
         "model emb: failed: out of memory",
     ]
     assert model_lines(names, watch, ready, 13.0) == []  # a failure is said once
+
+
+def test_gateway_settings_read_access_log_and_format_from_the_environment() -> None:
+    from modelfleet.gateway.__main__ import parse
+    from modelfleet.gateway.settings import GatewaySettings
+
+    s = GatewaySettings.from_env({"MODELFLEET_ACCESS_LOG": "true", "MODELFLEET_LOG_FORMAT": "json"}, snapshot_path="")
+    assert (s.access_log, s.log_format) == (True, "json")
+    assert GatewaySettings.from_env({"MODELFLEET_ACCESS_LOG": "0"}, snapshot_path="").access_log is False
+    assert GatewaySettings.from_env({}, snapshot_path="").access_log is False  # off unless asked
+    with pytest.raises(ValueError, match="not a boolean"):
+        GatewaySettings.from_env({"MODELFLEET_ACCESS_LOG": "maybe"}, snapshot_path="")
+    with pytest.raises(ValueError, match="log_format must be text or json"):
+        GatewaySettings(log_format="xml", snapshot_path="")
+    assert parse(["--access-log", "--snapshot-path", ""]).access_log is True
+    assert parse(["--no-access-log", "--snapshot-path", ""]).access_log is False
