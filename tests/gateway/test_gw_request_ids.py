@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.gateway.conftest import Cluster
+from tests.gateway.conftest import Cluster, admin_h
 from tests.support.procs import wait_for
 
 ACCESS_FIELDS = {
@@ -119,6 +119,23 @@ def test_request_id_in_and_out_and_in_the_json_access_log(cluster: Cluster) -> N
     assert b"[DONE]" in body
     line = access_line(cluster, "client-stream")
     assert line["status"] == 200 and line["ttfb_ms"] is not None
+
+    # The gateway's own refusals carry it too: 400 (not JSON) and 503 (a model with no instance).
+    r = httpx.post(url, content=b"{not json", headers={"X-Request-ID": "client-400"}, timeout=10)
+    assert r.status_code == 400 and r.headers["x-request-id"] == "client-400"
+    assert access_line(cluster, "client-400")["status"] == 400
+    dep = httpx.post(
+        f"{cluster.controller_urls[0]}/v1/cluster/deployments",
+        headers=admin_h(),
+        timeout=10,
+        json={"name": "idle", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0},
+    )
+    assert dep.status_code == 201, dep.text
+    wait_for(lambda: "idle" in [m["name"] for m in cluster.status()["models"]], 10, what="idle model known")
+    r = httpx.post(url, json=chat("idle"), headers={"X-Request-ID": "client-503"}, timeout=10)
+    assert r.status_code == 503 and r.headers["x-request-id"] == "client-503"
+    line = access_line(cluster, "client-503")
+    assert (line["status"], line["model"], line["attempts"]) == (503, "idle", 0)
 
     # No id, or one unsafe to log (spaces, too long): the gateway makes one (32 hex digits),
     # a new one each time, and passes that on.
