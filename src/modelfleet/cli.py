@@ -370,6 +370,9 @@ def deploy(
     param: Annotated[list[str] | None, typer.Option("--param", help="Backend parameter k=v.")] = None,
     policy: Annotated[str, typer.Option(help="spread or binpack")] = "spread",
     weight: int = 100,
+    routing: Annotated[str, typer.Option(help="How gateways pick a replica: prefix (where the prompt's prefix is "
+                                              "cached, within a load bound), p2c (least busy of two), auto "
+                                              "(prefix unless the model only embeds).")] = "auto",
     controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
     admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -379,6 +382,7 @@ def deploy(
 
     body: dict[str, Any] = {
         "name": name, "replicas": replicas, "max_concurrency": max_concurrency, "weight": weight,
+        "routing": routing,
         "params": {k: parse_param_value(v) for k, v in parse_kv(param, "--param").items()},
         "placement": {"labels": parse_kv(label, "--label"), "gpus": gpus, "gpu_memory": int(gpu_memory * (1 << 30)),
                       "memory": int(memory * (1 << 30)), "policy": policy},

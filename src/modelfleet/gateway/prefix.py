@@ -1,0 +1,211 @@
+"""Prefix-cache-aware routing: send a prompt where its prefix's KV cache already is.
+
+Three parts, the first and last pure:
+
+1. ``request_key``: the prompt as the model will see it, in a canonical byte form, cut into
+   fixed-size blocks whose hashes are chained (block i's hash covers blocks 0..i). Chat:
+   the tools first (chat templates put them into the system prompt), then every message in
+   order, each rendered on its own (JSON, sorted keys), so turn n+1 of a conversation starts
+   with exactly the bytes of turn n and extends its chain; the response format last (it is
+   a decoding constraint in llama.cpp and vLLM, not prompt text: it must not break the
+   prefix, but two formats are two different requests). Completions: the prompt text (or
+   token ids). Embeddings: no key (no KV cache to hit). Only full blocks count: a prompt
+   shorter than one block has nothing worth steering.
+
+2. ``PrefixIndex``: per model, what THIS gateway sent where: block hash -> {instance: last
+   time}. Bounded (LRU on blocks) and expiring (ttl), so stale beliefs fade; nothing is
+   shared between gateways and nothing is written on another gateway's request path.
+
+3. ``pick``: given the candidates (with this gateway's in-flight counts), the number of
+   leading blocks each is believed to hold, and the request's anchor, order them by
+   (matched blocks, rendezvous score of the anchor) and take the first whose load stays
+   within ``bound`` times its fair share (consistent hashing with bounded loads, Mirrokni
+   et al.; the form KubeAI's CHWBL uses). A prefix nobody has seen goes to its rendezvous
+   winner, the same instance in every gateway: active-active gateways keep affinity without
+   talking. When the winner is too busy, the next in that same order takes it, so a hot
+   prefix spreads to a consistent second home rather than to a random one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+
+from modelfleet.gateway.balancer import Candidate, rendezvous_score
+
+ROUTING_MODES = ("p2c", "prefix")
+
+# ~64 tokens of English per block: fine enough that a 1,000-token system prompt is 16
+# blocks, coarse enough that an 8k-token prompt is ~128 hash calls (tens of microseconds).
+BLOCK_BYTES = 256
+# The rendezvous anchor is the hash of the first ANCHOR_BLOCKS blocks (or of all of them, if
+# fewer): requests that share ~1 KiB of prompt share their home. One block would put every
+# request that starts with the same boilerplate sentence on one instance.
+ANCHOR_BLOCKS = 4
+DIGEST = 8
+_SEED = b"modelfleet-prefix-v1"
+
+C = TypeVar("C", bound=Candidate)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixKey:
+    """A request's block chain (hashes of the prefix up to and including each block)."""
+
+    chain: tuple[bytes, ...]
+
+    @property
+    def anchor(self) -> bytes:
+        return self.chain[min(len(self.chain), ANCHOR_BLOCKS) - 1]
+
+
+# -- 1. keys ---------------------------------------------------------------------------------
+_DUMP_OPTS = orjson.OPT_SORT_KEYS
+
+
+def render_chat(req: Mapping[str, Any]) -> bytes:
+    """Canonical bytes of a chat request's prompt: tools, messages in order, response format.
+
+    Each part is rendered alone and the parts joined with a separator, so a conversation's
+    next turn begins with the bytes of the previous one."""
+    parts = []
+    tools = req.get("tools")
+    if tools:
+        parts.append(b"T" + orjson.dumps(tools, option=_DUMP_OPTS))
+    for msg in req.get("messages") or ():
+        parts.append(b"M" + orjson.dumps(msg, option=_DUMP_OPTS))
+    rf = req.get("response_format")
+    if rf:
+        parts.append(b"F" + orjson.dumps(rf, option=_DUMP_OPTS))
+    return b"\x1e".join(parts)
+
+
+def render_completion(req: Mapping[str, Any]) -> bytes | None:
+    """The prompt of a completions request: its text, or its token ids; the first of a batch."""
+    p = req.get("prompt")
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch: steer by its first prompt
+    if isinstance(p, str):
+        return p.encode()
+    if isinstance(p, list) and p and all(type(t) is int for t in p):
+        return b"I" + orjson.dumps(p)
+    return None
+
+
+def chain_hashes(data: bytes, block: int = BLOCK_BYTES) -> tuple[bytes, ...]:
+    """Chained hashes of the full ``block``-byte blocks of ``data``."""
+    n = len(data) // block
+    out = []
+    h = _SEED
+    mv = memoryview(data)
+    blake = hashlib.blake2b
+    for i in range(n):
+        h = blake(mv[i * block:(i + 1) * block], digest_size=DIGEST, key=h).digest()
+        out.append(h)
+    return tuple(out)
+
+
+def request_key(endpoint: str, req: Mapping[str, Any]) -> PrefixKey | None:
+    """The key of a validated request body, or None (embeddings, prompts under one block)."""
+    if endpoint == "chat":
+        data: bytes | None = render_chat(req)
+    elif endpoint == "completions":
+        data = render_completion(req)
+    else:
+        return None
+    if not data:
+        return None
+    chain = chain_hashes(data)
+    return PrefixKey(chain) if chain else None
+
+
+# -- 2. the index ----------------------------------------------------------------------------
+class PrefixIndex:
+    """Which instance this gateway sent which block to, and when. One per model.
+
+    ``max_blocks`` bounds memory (about 200 bytes a block: 32,768 blocks, ~7 MB, is 2M
+    tokens of distinct prompt); the least recently sent blocks go first. An entry older
+    than ``ttl_s`` is not believed: the instance has likely evicted it."""
+
+    __slots__ = ("blocks", "clock", "max_blocks", "ttl_s")
+
+    def __init__(self, max_blocks: int = 32768, ttl_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.blocks: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        self.max_blocks = max_blocks
+        self.ttl_s = ttl_s
+        self.clock = clock
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def matched(self, key: PrefixKey, instance_ids: Sequence[str]) -> dict[str, int]:
+        """For each of ``instance_ids``: how many leading blocks of ``key`` it was sent
+        within the ttl (the chain makes block i imply blocks 0..i-1)."""
+        oldest = self.clock() - self.ttl_s
+        out = dict.fromkeys(instance_ids, 0)
+        live = set(instance_ids)
+        blocks = self.blocks
+        for depth, h in enumerate(key.chain, 1):
+            holders = blocks.get(h)
+            if not holders:
+                break
+            live = {i for i in live if holders.get(i, -math.inf) >= oldest}
+            if not live:
+                break
+            for i in live:
+                out[i] = depth
+        return out
+
+    def record(self, key: PrefixKey, instance_id: str) -> None:
+        now = self.clock()
+        blocks = self.blocks
+        for h in key.chain:
+            holders = blocks.get(h)
+            if holders is None:
+                blocks[h] = {instance_id: now}
+            else:
+                holders[instance_id] = now
+                blocks.move_to_end(h)
+        while len(blocks) > self.max_blocks:
+            blocks.popitem(last=False)
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop what was sent to instances no longer in ``keep`` (they left the route table)."""
+        for h in list(self.blocks):
+            holders = self.blocks[h]
+            for i in [i for i in holders if i not in keep]:
+                del holders[i]
+            if not holders:
+                del self.blocks[h]
+
+
+# -- 3. the policy ---------------------------------------------------------------------------
+def within_bound(c: Candidate, total_in_flight: int, total_weight: int, bound: float) -> bool:
+    """Taking one more request keeps ``c`` within ``bound`` times its weighted share of the
+    load (this request included), rounded up, as in consistent hashing with bounded loads:
+    the least loaded instance always passes, so the bound never refuses everyone."""
+    cap = math.ceil(bound * (total_in_flight + 1) * c.weight / total_weight - 1e-9)
+    return c.in_flight + 1 <= cap
+
+
+def pick(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float) -> C:
+    """The instance for a keyed request among non-empty ``cands`` (routable, with room).
+
+    Longest believed prefix first, then the anchor's rendezvous order; the first within the
+    load bound wins, else the least loaded (weighted)."""
+    total = sum(c.in_flight for c in cands)
+    weight = sum(c.weight for c in cands)
+    order = sorted(cands, key=lambda c: (matched.get(c.id, 0), rendezvous_score(anchor, c.id, c.weight)),
+                   reverse=True)
+    for c in order:
+        if within_bound(c, total, weight, bound):
+            return c
+    return min(order, key=lambda c: c.in_flight / c.weight)  # float rounding only
