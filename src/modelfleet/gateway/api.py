@@ -331,6 +331,8 @@ class GatewayApp:
                 "failed_attempts": i.failed_attempts,
             } for i in m.instances]
             models.append({"name": name, "in_flight": m.in_flight, "queued": len(m.waiters), "slots": m.slots,
+                           "routing": "prefix" if m.prefixes is not None else "p2c",
+                           "prefix_blocks": len(m.prefixes) if m.prefixes is not None else 0,
                            "mean_latency_s": round(m.latency_ewma, 4), "instances": insts,
                            "recent": self.stats.series(name, now, buckets)})
         return {
