@@ -96,6 +96,7 @@ class GatewayApp:
                                     count_event=lambda event: self.metrics.route_events.labels(event).inc())
         self.proxy = Proxy(settings, self.pool, self.metrics, self.stats, lambda: self.table)
         self.metrics.attach(self.pool, self.watcher)
+        self.pool.on_prefix = lambda model, outcome: self.metrics.prefix_routed.labels(model, outcome).inc()
         self._first_table = asyncio.Event()
         self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
         self._grace: Grace | None = None  # a hold on missing instances: see routes.keep_missing

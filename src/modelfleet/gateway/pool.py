@@ -111,6 +111,8 @@ class Pool:
         self.process_index = process_index
         self.rng = rng or random.Random()
         self.ejections_total = 0
+        # (model, outcome) of each prefix-routed choice: "cached", "home" or "spilled" (metrics).
+        self.on_prefix: Callable[[str, str], None] = lambda _model, _outcome: None
 
     # -- route table --------------------------------------------------------------------
     def apply(self, table: RouteTable) -> None:
@@ -173,7 +175,9 @@ class Pool:
         if key is not None and index is not None:
             def keyed(room: list[Inst]) -> Inst:
                 matched = index.matched(key, [c.id for c in room])
-                return prefix.pick(room, matched, key.anchor, self.s.prefix_load_bound)
+                inst, why = prefix.pick_why(room, matched, key.anchor, self.s.prefix_load_bound)
+                self.on_prefix(m.name, why)
+                return inst
         d = balancer.choose(m.instances, time.monotonic(), self.rng, exclude, session,
                             self.s.affinity_slack, self.s.affinity_ratio, keyed)
         if isinstance(d, Inst):

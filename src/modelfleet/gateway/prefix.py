@@ -28,9 +28,9 @@ Three parts, the first and last pure:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,8 +49,6 @@ BLOCK_BYTES = 256
 # fewer): requests that share ~1 KiB of prompt share their home. One block would put every
 # request that starts with the same boilerplate sentence on one instance.
 ANCHOR_BLOCKS = 4
-DIGEST = 8
-_SEED = b"modelfleet-prefix-v1"
 
 C = TypeVar("C", bound=Candidate)
 
@@ -59,11 +57,12 @@ C = TypeVar("C", bound=Candidate)
 class PrefixKey:
     """A request's block chain (hashes of the prefix up to and including each block)."""
 
-    chain: tuple[bytes, ...]
+    chain: tuple[int, ...]
 
     @property
     def anchor(self) -> bytes:
-        return self.chain[min(len(self.chain), ANCHOR_BLOCKS) - 1]
+        """What the rendezvous hash of a prefix with no history is computed over."""
+        return self.chain[min(len(self.chain), ANCHOR_BLOCKS) - 1].to_bytes(8, "big")
 
 
 # -- 1. keys ---------------------------------------------------------------------------------
@@ -99,16 +98,22 @@ def render_completion(req: Mapping[str, Any]) -> bytes | None:
     return None
 
 
-def chain_hashes(data: bytes, block: int = BLOCK_BYTES) -> tuple[bytes, ...]:
-    """Chained hashes of the full ``block``-byte blocks of ``data``."""
+def chain_hashes(data: bytes, block: int = BLOCK_BYTES) -> tuple[int, ...]:
+    """Chained hashes of the full ``block``-byte blocks of ``data``: for block i, a 64-bit
+    value of every byte up to its end (CRC-32 and Adler-32, both running: each call extends
+    the last, so the chain costs one pass over the prompt in C, about half of a keyed
+    blake2b per block). Not cryptographic and needs not be: a collision only misleads one
+    routing guess, and a client can pick its instance with X-Session-ID anyway."""
     n = len(data) // block
     out = []
-    h = _SEED
+    c, a = 0, 1
     mv = memoryview(data)
-    blake = hashlib.blake2b
+    crc32, adler32 = zlib.crc32, zlib.adler32
     for i in range(n):
-        h = blake(mv[i * block:(i + 1) * block], digest_size=DIGEST, key=h).digest()
-        out.append(h)
+        b = mv[i * block:(i + 1) * block]
+        c = crc32(b, c)
+        a = adler32(b, a)
+        out.append(c << 32 | a)
     return tuple(out)
 
 
@@ -138,7 +143,7 @@ class PrefixIndex:
 
     def __init__(self, max_blocks: int = 32768, ttl_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.blocks: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        self.blocks: OrderedDict[int, dict[str, float]] = OrderedDict()
         self.max_blocks = max_blocks
         self.ttl_s = ttl_s
         self.clock = clock
@@ -201,11 +206,18 @@ def pick(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: f
 
     Longest believed prefix first, then the anchor's rendezvous order; the first within the
     load bound wins, else the least loaded (weighted)."""
+    return pick_why(cands, matched, anchor, bound)[0]
+
+
+def pick_why(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float) -> tuple[C, str]:
+    """``pick``, with why: "cached" (the instance believed to hold the most of the prefix),
+    "home" (nobody holds any: the rendezvous home), "spilled" (the preferred one was over
+    the load bound)."""
     total = sum(c.in_flight for c in cands)
     weight = sum(c.weight for c in cands)
     order = sorted(cands, key=lambda c: (matched.get(c.id, 0), rendezvous_score(anchor, c.id, c.weight)),
                    reverse=True)
-    for c in order:
+    for n, c in enumerate(order):
         if within_bound(c, total, weight, bound):
-            return c
-    return min(order, key=lambda c: c.in_flight / c.weight)  # float rounding only
+            return c, ("spilled" if n else "cached" if matched.get(c.id, 0) else "home")
+    return min(order, key=lambda c: c.in_flight / c.weight), "spilled"  # float rounding only
