@@ -9,6 +9,7 @@ own, and each enforces its share of an instance's max_concurrency (admission.pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -173,11 +174,7 @@ class Pool:
         index = m.prefixes
         keyed = None
         if key is not None and index is not None:
-            def keyed(room: list[Inst]) -> Inst:
-                matched = index.matched(key, [c.id for c in room])
-                inst, why = prefix.pick_why(room, matched, key.anchor, self.s.prefix_load_bound)
-                self.on_prefix(m.name, why)
-                return inst
+            keyed = functools.partial(self._by_prefix, m, index, key)
         d = balancer.choose(m.instances, time.monotonic(), self.rng, exclude, session,
                             self.s.affinity_slack, self.s.affinity_ratio, keyed)
         if isinstance(d, Inst):
@@ -185,6 +182,12 @@ class Pool:
             if key is not None and index is not None:
                 index.record(key, d.id)
         return d
+
+    def _by_prefix(self, m: ModelState, index: prefix.PrefixIndex, key: prefix.PrefixKey, room: list[Inst]) -> Inst:
+        matched = index.matched(key, [c.id for c in room])
+        inst, why = prefix.pick_why(room, matched, key.anchor, self.s.prefix_load_bound)
+        self.on_prefix(m.name, why)
+        return inst
 
     async def acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None,
                       wait_s: float | None = None, key: prefix.PrefixKey | None = None) -> Inst:

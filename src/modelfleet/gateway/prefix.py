@@ -19,8 +19,10 @@ Three parts, the first and last pure:
 3. ``pick``: given the candidates (with this gateway's in-flight counts), the number of
    leading blocks each is believed to hold, and the request's anchor, order them by
    (matched blocks, rendezvous score of the anchor) and take the first whose load stays
-   within ``bound`` times its fair share (consistent hashing with bounded loads, Mirrokni
-   et al.; the form KubeAI's CHWBL uses). A prefix nobody has seen goes to its rendezvous
+   within ``bound`` times the least loaded one's plus one (bounded-load consistent hashing,
+   measured against the least loaded rather than the mean, as SGLang's and vLLM's
+   cache-aware routers do: at the low counts of LLM serving a mean-based cap would refuse a
+   cache hit its second request). A prefix nobody has seen goes to its rendezvous
    winner, the same instance in every gateway: active-active gateways keep affinity without
    talking. When the winner is too busy, the next in that same order takes it, so a hot
    prefix spreads to a consistent second home rather than to a random one.
@@ -193,12 +195,13 @@ class PrefixIndex:
 
 
 # -- 3. the policy ---------------------------------------------------------------------------
-def within_bound(c: Candidate, total_in_flight: int, total_weight: int, bound: float) -> bool:
-    """Taking one more request keeps ``c`` within ``bound`` times its weighted share of the
-    load (this request included), rounded up, as in consistent hashing with bounded loads:
-    the least loaded instance always passes, so the bound never refuses everyone."""
-    cap = math.ceil(bound * (total_in_flight + 1) * c.weight / total_weight - 1e-9)
-    return c.in_flight + 1 <= cap
+def within_bound(c: Candidate, least: Candidate, bound: float) -> bool:
+    """``c`` may take one more request: its in-flight count (per unit of weight) is at most
+    ``bound`` times the least loaded one's plus one request. The "plus one" lets a prefix's
+    holder take a second request while another instance idles (a cache hit usually beats
+    an idle instance that must read the whole prompt); beyond that, load wins. The least
+    loaded always passes, so the bound never refuses everyone."""
+    return c.in_flight * least.weight <= bound * (least.in_flight + 1) * c.weight
 
 
 def pick(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float) -> C:
@@ -213,11 +216,10 @@ def pick_why(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, boun
     """``pick``, with why: "cached" (the instance believed to hold the most of the prefix),
     "home" (nobody holds any: the rendezvous home), "spilled" (the preferred one was over
     the load bound)."""
-    total = sum(c.in_flight for c in cands)
-    weight = sum(c.weight for c in cands)
+    least = min(cands, key=lambda c: c.in_flight / c.weight)
     order = sorted(cands, key=lambda c: (matched.get(c.id, 0), rendezvous_score(anchor, c.id, c.weight)),
                    reverse=True)
     for n, c in enumerate(order):
-        if within_bound(c, total, weight, bound):
+        if within_bound(c, least, bound):
             return c, ("spilled" if n else "cached" if matched.get(c.id, 0) else "home")
-    return min(order, key=lambda c: c.in_flight / c.weight), "spilled"  # float rounding only
+    return least, "spilled"  # not reached: the least loaded is within the bound
