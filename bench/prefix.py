@@ -61,11 +61,13 @@ MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=180)
 
-WORDS = ("order invoice warranty battery shipping return refund account password screen cable charger "
-         "delivery address customer support product model serial number firmware update manual store "
-         "payment card receipt discount coupon subscription plan upgrade device laptop phone tablet repair "
-         "replacement parts service center appointment status tracking package courier weekend holiday "
-         "opening hours contact email chat agent policy days months years price tax region country language").split()
+WORDS = (
+    "order invoice warranty battery shipping return refund account password screen cable charger "
+    "delivery address customer support product model serial number firmware update manual store "
+    "payment card receipt discount coupon subscription plan upgrade device laptop phone tablet repair "
+    "replacement parts service center appointment status tracking package courier weekend holiday "
+    "opening hours contact email chat agent policy days months years price tax region country language"
+).split()
 
 
 def free_port() -> int:
@@ -84,9 +86,12 @@ def pct(xs: list[float], q: float) -> float:
 class Procs:
     def __init__(self, home: Path) -> None:
         self.home = home
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")},
-                    "MODELFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1",
-                    "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")},
+            "MODELFLEET_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+        }
         self.all: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -125,8 +130,14 @@ def wait(pred: Any, timeout: float, what: str) -> Any:
 def long_chat(tokens: int, model: str) -> dict[str, Any]:
     rng = random.Random(1)
     words = " ".join(rng.choice(WORDS) for _ in range(int(tokens * 0.75)))  # ~0.75 words a token
-    return {"model": model, "max_tokens": 4, "messages": [
-        {"role": "system", "content": words[: len(words) // 2]}, {"role": "user", "content": words[len(words) // 2:]}]}
+    return {
+        "model": model,
+        "max_tokens": 4,
+        "messages": [
+            {"role": "system", "content": words[: len(words) // 2]},
+            {"role": "user", "content": words[len(words) // 2 :]},
+        ],
+    }
 
 
 def overhead(procs: Procs, n: int) -> dict[str, Any]:
@@ -141,21 +152,55 @@ def overhead(procs: Procs, n: int) -> dict[str, Any]:
         t_key.append(time.perf_counter() - t0)
     ups = {name: free_port() for name in ("a", "b")}
     for name, port in ups.items():
-        procs.start(f"up-{name}", [sys.executable, "-m", "tests.fakes.scripted_upstream", "--port", str(port),
-                                   "--name", name])
+        procs.start(
+            f"up-{name}", [sys.executable, "-m", "tests.fakes.scripted_upstream", "--port", str(port), "--name", name]
+        )
     gport = free_port()
 
     def model(name: str, routing: str) -> dict[str, Any]:
-        return {"name": name, "routing": routing, "instances": [
-            {"id": f"{name}/{u}", "worker_id": "bench", "endpoint": f"http://127.0.0.1:{p}", "weight": 100,
-             "max_concurrency": 1000, "enabled": True, "state": "ready"} for u, p in ups.items()]}
+        return {
+            "name": name,
+            "routing": routing,
+            "instances": [
+                {
+                    "id": f"{name}/{u}",
+                    "worker_id": "bench",
+                    "endpoint": f"http://127.0.0.1:{p}",
+                    "weight": 100,
+                    "max_concurrency": 1000,
+                    "enabled": True,
+                    "state": "ready",
+                }
+                for u, p in ups.items()
+            ],
+        }
 
-    routes = {"revision": 1, "store_time": time.time(), "controller_id": "bench", "heartbeat_ttl": 6.0,
-              "models": [model("m-p2c", "p2c"), model("m-prefix", "prefix")], "api_keys": []}
+    routes = {
+        "revision": 1,
+        "store_time": time.time(),
+        "controller_id": "bench",
+        "heartbeat_ttl": 6.0,
+        "models": [model("m-p2c", "p2c"), model("m-prefix", "prefix")],
+        "api_keys": [],
+    }
     snap = procs.home / "overhead-routes.json"
     snap.write_text(json.dumps({"fetched_at": time.time(), "routes": routes}))
-    procs.start("gw-overhead", [sys.executable, "-m", "modelfleet.gateway", "--port", str(gport), "--host",
-                                "127.0.0.1", "--snapshot-path", str(snap), "--max-body-bytes", str(4 << 20)])
+    procs.start(
+        "gw-overhead",
+        [
+            sys.executable,
+            "-m",
+            "modelfleet.gateway",
+            "--port",
+            str(gport),
+            "--host",
+            "127.0.0.1",
+            "--snapshot-path",
+            str(snap),
+            "--max-body-bytes",
+            str(4 << 20),
+        ],
+    )
     url = f"http://127.0.0.1:{gport}/v1/chat/completions"
     for p in ups.values():
         wait(lambda p=p: httpx.get(f"http://127.0.0.1:{p}/health").status_code == 200, 30, "upstream")
@@ -168,8 +213,12 @@ def overhead(procs: Procs, n: int) -> dict[str, Any]:
             assert r.status_code == 200, r.text
             if i >= 40:  # warm-up: connections, first-use costs
                 res[m].append(float(r.headers["x-modelfleet-overhead-ms"]))
-    out = {"prompt_bytes": size, "prompt_tokens_approx": 8192,
-           "request_key_us_p50": pct(t_key, 0.5) * 1e6, "request_key_us_p99": pct(t_key, 0.99) * 1e6}
+    out = {
+        "prompt_bytes": size,
+        "prompt_tokens_approx": 8192,
+        "request_key_us_p50": pct(t_key, 0.5) * 1e6,
+        "request_key_us_p99": pct(t_key, 0.99) * 1e6,
+    }
     for m, xs in res.items():
         out[m] = {"overhead_ms_p50": pct(xs, 0.5), "overhead_ms_p99": pct(xs, 0.99), "n": len(xs)}
     return out
@@ -189,15 +238,18 @@ def conversations(run: str, a: argparse.Namespace) -> list[tuple[int, list[str],
     for g in range(a.groups):
         sp = system_prompt(run, g, a.prefix_words)
         for u in range(a.users):
-            qs = [f"Customer {u}, question {t + 1}: what about the {rng.choice(WORDS)} of my {rng.choice(WORDS)}?"
-                  for t in range(a.turns)]
+            qs = [
+                f"Customer {u}, question {t + 1}: what about the {rng.choice(WORDS)} of my {rng.choice(WORDS)}?"
+                for t in range(a.turns)
+            ]
             convs.append((g, qs, sp))
     rng.shuffle(convs)
     return convs
 
 
-async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int
-                      ) -> tuple[float, int, str, str]:
+async def one_request(
+    client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[float, int, str, str]:
     """(ttft s, content events, instance, answer text) of one streamed chat completion."""
     t0 = time.perf_counter()
     ttft = None
@@ -223,8 +275,9 @@ async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict[s
     return ttft or 0.0, n, inst, "".join(text)
 
 
-async def run_mode(mode: str, targets: list[str], oracle: dict[str, str] | None, a: argparse.Namespace
-                   ) -> dict[str, Any]:
+async def run_mode(
+    mode: str, targets: list[str], oracle: dict[str, str] | None, a: argparse.Namespace
+) -> dict[str, Any]:
     convs = conversations(mode, a)
     rng = random.Random(3)
     ttfts: list[float] = []
@@ -265,10 +318,18 @@ async def run_mode(mode: str, targets: list[str], oracle: dict[str, str] | None,
         wall = time.perf_counter() - t0
     loads = list(per_replica.values()) + [0] * (2 - len(per_replica))
     mean = statistics.mean(loads) if loads else 0
-    return {"mode": mode, "requests": len(ttfts), "errors": errors, "wall_s": wall,
-            "ttft_mean_s": statistics.mean(ttfts) if ttfts else None, "ttft_p50_s": pct(ttfts, 0.5),
-            "ttft_p90_s": pct(ttfts, 0.9), "tok_s": tokens / wall, "per_replica": per_replica,
-            "max_over_mean_load": (max(loads) / mean) if mean else None}
+    return {
+        "mode": mode,
+        "requests": len(ttfts),
+        "errors": errors,
+        "wall_s": wall,
+        "ttft_mean_s": statistics.mean(ttfts) if ttfts else None,
+        "ttft_p50_s": pct(ttfts, 0.5),
+        "ttft_p90_s": pct(ttfts, 0.9),
+        "tok_s": tokens / wall,
+        "per_replica": per_replica,
+        "max_over_mean_load": (max(loads) / mean) if mean else None,
+    }
 
 
 HIT_RE = re.compile(r"Llama\.generate: (\d+) prefix-match hit, remaining (\d+) prompt tokens")
@@ -295,8 +356,12 @@ def cache_reuse(home: Path, since: dict[str, int]) -> dict[str, Any]:
         reused = sum(int(m.group(1)) for m in HIT_RE.finditer(text))
         evaluated = sum(int(m.group(1)) for m in EVAL_RE.finditer(text))
         hits = len(HIT_RE.findall(text))
-        out[k] = {"reused_tokens": reused, "evaluated_tokens": evaluated, "hit_requests": hits,
-                  "reuse": reused / (reused + evaluated) if reused + evaluated else None}
+        out[k] = {
+            "reused_tokens": reused,
+            "evaluated_tokens": evaluated,
+            "hit_requests": hits,
+            "reuse": reused / (reused + evaluated) if reused + evaluated else None,
+        }
     return out
 
 
@@ -317,33 +382,86 @@ def workload(procs: Procs, a: argparse.Namespace) -> dict[str, Any]:
     home = procs.home
     cport, wport = free_port(), free_port()
     controller = f"http://127.0.0.1:{cport}"
-    procs.cli("controller", "controller", "--store", f"sqlite:///{home}/state.db", "--host", "127.0.0.1",
-              "--port", str(cport))
+    procs.cli(
+        "controller", "controller", "--store", f"sqlite:///{home}/state.db", "--host", "127.0.0.1", "--port", str(cport)
+    )
     wait(lambda: httpx.get(f"{controller}/health/ready").status_code == 200, 60, "controller")
-    procs.cli("worker", "worker", "--controller", controller, "--name", "bench", "--host", "127.0.0.1",
-              "--port", str(wport), "--runner-port-start", str(free_port()))
+    procs.cli(
+        "worker",
+        "worker",
+        "--controller",
+        controller,
+        "--name",
+        "bench",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(wport),
+        "--runner-port-start",
+        str(free_port()),
+    )
     gateways = []
     for i in range(2):
         port = free_port()
-        procs.cli(f"gateway{i}", "gateway", "--controller", controller, "--host", "127.0.0.1", "--port", str(port),
-                  "--snapshot-path", str(home / f"routes{i}.json"))
+        procs.cli(
+            f"gateway{i}",
+            "gateway",
+            "--controller",
+            controller,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--snapshot-path",
+            str(home / f"routes{i}.json"),
+        )
         gateways.append(f"http://127.0.0.1:{port}")
     params: dict[str, Any] = {"n_threads": 1}
     if a.prompt_cache == "ram":
         params.update({"cache": True, "cache_type": "ram"})
-    httpx.post(f"{controller}/v1/cluster/deployments", json={
-        "name": MODEL, "backend": "llama.cpp", "source": MODEL, "replicas": 2, "max_concurrency": 4,
-        "routing": "p2c", "params": params}).raise_for_status()
-    insts = wait(lambda: (d := httpx.get(f"{controller}/v1/cluster/instances").json()["data"])
-                 and len(d) == 2 and all(i["state"] == "ready" for i in d) and d, 300, "2 ready replicas")
+    httpx.post(
+        f"{controller}/v1/cluster/deployments",
+        json={
+            "name": MODEL,
+            "backend": "llama.cpp",
+            "source": MODEL,
+            "replicas": 2,
+            "max_concurrency": 4,
+            "routing": "p2c",
+            "params": params,
+        },
+    ).raise_for_status()
+    insts = wait(
+        lambda: (
+            (d := httpx.get(f"{controller}/v1/cluster/instances").json()["data"])
+            and len(d) == 2
+            and all(i["state"] == "ready" for i in d)
+            and d
+        ),
+        300,
+        "2 ready replicas",
+    )
     oracle = {i["endpoint"]: i["id"] for i in insts}
     for g in gateways:
-        wait(lambda g=g: httpx.post(f"{g}/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200,
-            60, "gateway")
+        wait(
+            lambda g=g: (
+                httpx.post(
+                    f"{g}/v1/chat/completions",
+                    timeout=60,
+                    json={"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+                ).status_code
+                == 200
+            ),
+            60,
+            "gateway",
+        )
     rows = []
-    plan = [("p2c", "p2c", gateways[:1], None), ("prefix", "prefix", gateways[:1], None),
-            ("prefix-2gw", "prefix", gateways, None), ("oracle", None, [], oracle)]
+    plan = [
+        ("p2c", "p2c", gateways[:1], None),
+        ("prefix", "prefix", gateways[:1], None),
+        ("prefix-2gw", "prefix", gateways, None),
+        ("oracle", None, [], oracle),
+    ]
     for mode, routing, targets, orc in plan:
         if mode not in a.modes.split(","):
             continue
@@ -377,9 +495,12 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="mf-bench-prefix-"))
     procs = Procs(home)
-    result: dict[str, Any] = {"benchmark": "prefix", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                              "settings": vars(a)}
+    result: dict[str, Any] = {
+        "benchmark": "prefix",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": vars(a),
+    }
     t_start = time.perf_counter()
     try:
         result["overhead"] = overhead(procs, a.overhead_n)
@@ -401,32 +522,59 @@ def main() -> None:
         rows = result["workload"]["rows"]
         base = next((r for r in rows if r["mode"] == "p2c"), None)
         single = next((r for r in rows if r["mode"] == "prefix"), None)
-        t = Table(title=f"{a.groups} groups x {a.users} users x {a.turns} turns, ~{a.prefix_words} words of shared "
-                        f"system prompt, concurrency {a.concurrency}, max_tokens {a.max_tokens}, prompt cache "
-                        f"{a.prompt_cache}, 2 replicas")
-        for col in ("mode", "requests", "TTFT mean s", "p50 s", "p90 s", "mean vs p2c", "tok/s", "tok/s vs p2c",
-                    "cache reuse", "per replica", "max/mean load", "errors"):
+        t = Table(
+            title=f"{a.groups} groups x {a.users} users x {a.turns} turns, ~{a.prefix_words} words of shared "
+            f"system prompt, concurrency {a.concurrency}, max_tokens {a.max_tokens}, prompt cache "
+            f"{a.prompt_cache}, 2 replicas"
+        )
+        for col in (
+            "mode",
+            "requests",
+            "TTFT mean s",
+            "p50 s",
+            "p90 s",
+            "mean vs p2c",
+            "tok/s",
+            "tok/s vs p2c",
+            "cache reuse",
+            "per replica",
+            "max/mean load",
+            "errors",
+        ):
             t.add_column(col, justify="right")
         for r in rows:
             if base and base["ttft_mean_s"] and r["ttft_mean_s"]:
                 r["ttft_mean_vs_p2c"] = r["ttft_mean_s"] / base["ttft_mean_s"]
                 r["tok_s_vs_p2c"] = r["tok_s"] / base["tok_s"]
-            t.add_row(r["mode"], str(r["requests"]), f"{r['ttft_mean_s']:.3f}", f"{r['ttft_p50_s']:.3f}",
-                      f"{r['ttft_p90_s']:.3f}", f"{r.get('ttft_mean_vs_p2c', float('nan')):.0%}", f"{r['tok_s']:.1f}",
-                      f"{r.get('tok_s_vs_p2c', float('nan')):.0%}",
-                      "-" if r["cache_reuse"] is None else f"{r['cache_reuse']:.0%}",
-                      " ".join(str(v) for v in sorted(r["per_replica"].values())),
-                      f"{r['max_over_mean_load']:.2f}", str(r["errors"]))
+            t.add_row(
+                r["mode"],
+                str(r["requests"]),
+                f"{r['ttft_mean_s']:.3f}",
+                f"{r['ttft_p50_s']:.3f}",
+                f"{r['ttft_p90_s']:.3f}",
+                f"{r.get('ttft_mean_vs_p2c', float('nan')):.0%}",
+                f"{r['tok_s']:.1f}",
+                f"{r.get('tok_s_vs_p2c', float('nan')):.0%}",
+                "-" if r["cache_reuse"] is None else f"{r['cache_reuse']:.0%}",
+                " ".join(str(v) for v in sorted(r["per_replica"].values())),
+                f"{r['max_over_mean_load']:.2f}",
+                str(r["errors"]),
+            )
         console.print(t)
         two = next((r for r in rows if r["mode"] == "prefix-2gw"), None)
         if base and single and two:
             gain1 = base["ttft_mean_s"] - single["ttft_mean_s"]
             gain2 = base["ttft_mean_s"] - two["ttft_mean_s"]
             result["two_gateway_share_of_gain"] = gain2 / gain1 if gain1 > 0 else None
-            console.print(f"two gateways keep {result['two_gateway_share_of_gain']:.0%} of the single-gateway "
-                          "TTFT gain" if gain1 > 0 else "no single-gateway gain to compare")
-    console.print(f"benchmark wall time {result['bench_wall_s']:.0f} s (load generator: one asyncio client, "
-                  f"{a.concurrency} conversations at a time)")
+            console.print(
+                f"two gateways keep {result['two_gateway_share_of_gain']:.0%} of the single-gateway TTFT gain"
+                if gain1 > 0
+                else "no single-gateway gain to compare"
+            )
+    console.print(
+        f"benchmark wall time {result['bench_wall_s']:.0f} s (load generator: one asyncio client, "
+        f"{a.concurrency} conversations at a time)"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {RESULTS}")

@@ -17,8 +17,11 @@ SYSTEM = "You answer questions about the ACME product catalogue, politely and br
 
 
 def chat(group: int, question: str) -> dict[str, object]:
-    return {"model": "m", "max_tokens": 4, "messages": [
-        {"role": "system", "content": f"[group {group}] {SYSTEM}"}, {"role": "user", "content": question}]}
+    return {
+        "model": "m",
+        "max_tokens": 4,
+        "messages": [{"role": "system", "content": f"[group {group}] {SYSTEM}"}, {"role": "user", "content": question}],
+    }
 
 
 def instance_of(gateway: str, body: dict[str, object], path: str = "/v1/chat/completions") -> str:
@@ -56,14 +59,22 @@ def test_two_gateways_send_each_prefix_to_the_same_instance(cluster: Cluster) ->
     for n in range(60):
         group = n % 10
         gw = rng.choice((g1, g2))
-        homes.setdefault(group, set()).add(instance_of(gw, chat(group, f"question {n}: " + "why? " * rng.randrange(60))))
+        homes.setdefault(group, set()).add(
+            instance_of(gw, chat(group, f"question {n}: " + "why? " * rng.randrange(60)))
+        )
     assert all(len(h) == 1 for h in homes.values()), homes
     assert len({next(iter(h)) for h in homes.values()}) >= 2  # and different prefixes spread out
     # A follow-up turn goes where its conversation went, from either gateway.
     turn1 = chat(3, "What is the warranty? " * 10)
     first = instance_of(g1, turn1)
-    turn2 = dict(turn1, messages=[*turn1["messages"], {"role": "assistant", "content": "Two years."},  # type: ignore[list-item]
-                                  {"role": "user", "content": "And for batteries?"}])
+    turn2 = dict(
+        turn1,
+        messages=[
+            *turn1["messages"],
+            {"role": "assistant", "content": "Two years."},  # type: ignore[list-item]
+            {"role": "user", "content": "And for batteries?"},
+        ],
+    )
     assert instance_of(g2, turn2) == first == next(iter(homes[3]))
 
 
@@ -88,11 +99,17 @@ def test_the_load_bound_spreads_a_hot_prefix_and_embeddings_are_untouched(cluste
 def test_routing_follows_the_deployment_and_refuses_unknown_modes(cluster: Cluster) -> None:
     g1, _ = three_instances_two_gateways(cluster)
     ctl = cluster.controller_urls[0]
-    bad = httpx.post(f"{ctl}/v1/cluster/deployments", headers=admin_h(), json={
-        "name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "random"})
+    bad = httpx.post(
+        f"{ctl}/v1/cluster/deployments",
+        headers=admin_h(),
+        json={"name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "random"},
+    )
     assert bad.status_code == 422 and "routing" in bad.text, bad.text
-    r = httpx.post(f"{ctl}/v1/cluster/deployments", headers=admin_h(), json={
-        "name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "p2c"})
+    r = httpx.post(
+        f"{ctl}/v1/cluster/deployments",
+        headers=admin_h(),
+        json={"name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "p2c"},
+    )
     assert r.status_code == 201, r.text
     wait_for(lambda: routing_of(cluster, g1) == "p2c", 15, what="routing p2c in the gateway")
     spread = {instance_of(g1, chat(1, "same question")) for _ in range(30)}

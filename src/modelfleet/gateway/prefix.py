@@ -8,7 +8,7 @@ Three parts, the first and last pure:
    order, each rendered on its own (JSON, sorted keys), so turn n+1 of a conversation starts
    with exactly the bytes of turn n and extends its chain; the response format last (it is
    a decoding constraint in llama.cpp and vLLM, not prompt text: it must not break the
-   prefix, but two formats are two different requests). Completions: the prompt text (or
+   prefix). Completions: the prompt text (or
    token ids). Embeddings: no key (no KV cache to hit). Only full blocks count: a prompt
    shorter than one block has nothing worth steering.
 
@@ -112,7 +112,7 @@ def chain_hashes(data: bytes, block: int = BLOCK_BYTES) -> tuple[int, ...]:
     mv = memoryview(data)
     crc32, adler32 = zlib.crc32, zlib.adler32
     for i in range(n):
-        b = mv[i * block:(i + 1) * block]
+        b = mv[i * block : (i + 1) * block]
         c = crc32(b, c)
         a = adler32(b, a)
         out.append(c << 32 | a)
@@ -143,8 +143,9 @@ class PrefixIndex:
 
     __slots__ = ("blocks", "clock", "max_blocks", "ttl_s")
 
-    def __init__(self, max_blocks: int = 32768, ttl_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_blocks: int = 32768, ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.blocks: OrderedDict[int, dict[str, float]] = OrderedDict()
         self.max_blocks = max_blocks
         self.ttl_s = ttl_s
@@ -217,8 +218,7 @@ def pick_why(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, boun
     "home" (nobody holds any: the rendezvous home), "spilled" (the preferred one was over
     the load bound)."""
     least = min(cands, key=lambda c: c.in_flight / c.weight)
-    order = sorted(cands, key=lambda c: (matched.get(c.id, 0), rendezvous_score(anchor, c.id, c.weight)),
-                   reverse=True)
+    order = sorted(cands, key=lambda c: (matched.get(c.id, 0), rendezvous_score(anchor, c.id, c.weight)), reverse=True)
     for n, c in enumerate(order):
         if within_bound(c, least, bound):
             return c, ("spilled" if n else "cached" if matched.get(c.id, 0) else "home")
