@@ -96,6 +96,17 @@ def test_completion_prompts_text_tokens_and_batches() -> None:
     assert key_of({"prompt": list(range(300))}, "completions").chain[: len(toks.chain)] == toks.chain
 
 
+def test_block_schedule_is_the_same_cut_for_every_length() -> None:
+    """A longer prompt's blocks start with exactly the shorter one's: keys extend, never shift."""
+    ends = {n: list(prefix.block_ends(n)) for n in range(0, 12000, 37)}
+    for n, e in ends.items():
+        assert all(x <= n for x in e) and (not e or n - e[-1] < prefix.COARSE_BLOCK_BYTES)
+        for m in range(n, 12000, 37 * 13):
+            assert ends[m][: len(e)] == e
+    long = key_of(chat(SYSTEM * 8, "and a question"))  # ~9 KB: fine blocks, then coarse ones
+    assert 16 < len(long.chain) < 9400 // 256
+
+
 # -- the index ---------------------------------------------------------------------------------
 class Clock:
     def __init__(self) -> None:
@@ -124,8 +135,8 @@ def test_index_expires_is_bounded_and_forgets_instances_that_left() -> None:
     k = key_of(chat(SYSTEM, "q" * 3000))  # more than 10 blocks
     assert len(k.chain) > 10
     idx.record(k, "a")
-    assert len(idx) == 10  # the oldest blocks went: the beginning of the chain
-    assert idx.matched(k, ["a"]) == {"a": 0}  # block 0 is gone, so nothing is believed
+    assert len(idx) == 10  # the deepest blocks went first: shallow ones are shared by more prompts
+    assert idx.matched(k, ["a"]) == {"a": 10}
     small = key_of(chat(system_of(3), "q"))
     idx.record(small, "a")
     assert idx.matched(small, ["a"])["a"] == len(small.chain)
@@ -134,6 +145,28 @@ def test_index_expires_is_bounded_and_forgets_instances_that_left() -> None:
     idx.record(small, "b")
     idx.forget({"a"})
     assert idx.matched(small, ["a", "b"]) == {"a": 0, "b": 0}
+
+
+def test_index_binary_search_agrees_with_a_walk_under_eviction_and_expiry() -> None:
+    clock = Clock()
+    idx = PrefixIndex(max_blocks=60, ttl_s=30, clock=clock)
+    rng = random.Random(9)
+    keys = [key_of(chat(system_of(g % 3), "turn " * (40 * (1 + g // 3)))) for g in range(12)]  # nested prefixes
+
+    def walk(k: PrefixKey, i: str) -> int:
+        depth = 0
+        for h in k.chain:
+            holders = idx.blocks.get(h)
+            if not holders or holders.get(i, -1e18) < clock.t - 30:
+                break
+            depth += 1
+        return depth
+
+    for _ in range(400):
+        clock.t += rng.random() * 3
+        idx.record(rng.choice(keys), rng.choice("abc"))
+        k = rng.choice(keys)
+        assert idx.matched(k, ["a", "b", "c"]) == {i: walk(k, i) for i in "abc"}
 
 
 # -- the policy --------------------------------------------------------------------------------

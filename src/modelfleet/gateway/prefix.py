@@ -44,9 +44,13 @@ from modelfleet.gateway.balancer import Candidate, rendezvous_score
 
 ROUTING_MODES = ("p2c", "prefix")
 
-# ~64 tokens of English per block: fine enough that a 1,000-token system prompt is 16
-# blocks, coarse enough that an 8k-token prompt is ~128 hash calls (tens of microseconds).
+# Block sizes: 256 bytes (~64 tokens of English) over the first 4 KiB (~1,000 tokens, where
+# system prompts and early turns split), 1 KiB beyond: an 8k-token prompt is ~55 blocks, so
+# hashing it costs tens of microseconds (each block is a Python-level step). The schedule is
+# fixed, so every gateway cuts every prompt the same way.
 BLOCK_BYTES = 256
+FINE_BYTES = 4096
+COARSE_BLOCK_BYTES = 1024
 # The rendezvous anchor is the hash of the first ANCHOR_BLOCKS blocks (or of all of them, if
 # fewer): requests that share ~1 KiB of prompt share their home. One block would put every
 # request that starts with the same boilerplate sentence on one instance.
@@ -100,22 +104,30 @@ def render_completion(req: Mapping[str, Any]) -> bytes | None:
     return None
 
 
-def chain_hashes(data: bytes, block: int = BLOCK_BYTES) -> tuple[int, ...]:
-    """Chained hashes of the full ``block``-byte blocks of ``data``: for block i, a 64-bit
-    value of every byte up to its end (CRC-32 and Adler-32, both running: each call extends
-    the last, so the chain costs one pass over the prompt in C, about half of a keyed
-    blake2b per block). Not cryptographic and needs not be: a collision only misleads one
-    routing guess, and a client can pick its instance with X-Session-ID anyway."""
-    n = len(data) // block
+def block_ends(size: int) -> range | list[int]:
+    """Where the full blocks of a ``size``-byte prompt end."""
+    fine = range(BLOCK_BYTES, min(size, FINE_BYTES) + 1, BLOCK_BYTES)
+    if size < FINE_BYTES + COARSE_BLOCK_BYTES:
+        return fine
+    return [*fine, *range(FINE_BYTES + COARSE_BLOCK_BYTES, size + 1, COARSE_BLOCK_BYTES)]
+
+
+def chain_hashes(data: bytes) -> tuple[int, ...]:
+    """Chained hashes of the full blocks of ``data``: at each block's end, a 64-bit value of
+    every byte up to it (CRC-32 and Adler-32, both running: each call extends the last, so
+    the chain is one pass over the prompt in C). Not cryptographic and needs not be: a
+    collision only misleads one routing guess, and a client can pick its instance with
+    X-Session-ID anyway."""
     out = []
-    c, a = 0, 1
+    c, a, start = 0, 1, 0
     mv = memoryview(data)
     crc32, adler32 = zlib.crc32, zlib.adler32
-    for i in range(n):
-        b = mv[i * block : (i + 1) * block]
+    for end in block_ends(len(data)):
+        b = mv[start:end]
         c = crc32(b, c)
         a = adler32(b, a)
         out.append(c << 32 | a)
+        start = end
     return tuple(out)
 
 
@@ -156,26 +168,38 @@ class PrefixIndex:
 
     def matched(self, key: PrefixKey, instance_ids: Sequence[str]) -> dict[str, int]:
         """For each of ``instance_ids``: how many leading blocks of ``key`` it was sent
-        within the ttl (the chain makes block i imply blocks 0..i-1)."""
-        oldest = self.clock() - self.ttl_s
-        out = dict.fromkeys(instance_ids, 0)
-        live = set(instance_ids)
+        within the ttl.
+
+        A binary search per instance, not a walk: "was sent block i" holds for every block
+        up to some depth and for none beyond. A block's value stands for its whole prefix,
+        so every request that touched block i touched blocks 0..i-1 at the same time, and
+        ``record`` touches a chain deepest first, so LRU eviction takes deep blocks first."""
+        chain = key.chain
         blocks = self.blocks
-        for depth, h in enumerate(key.chain, 1):
-            holders = blocks.get(h)
-            if not holders:
-                break
-            live = {i for i in live if holders.get(i, -math.inf) >= oldest}
-            if not live:
-                break
-            for i in live:
-                out[i] = depth
+        first = blocks.get(chain[0])
+        if not first:
+            return dict.fromkeys(instance_ids, 0)
+        oldest = self.clock() - self.ttl_s
+        out = {}
+        for i in instance_ids:
+            if first.get(i, -math.inf) < oldest:
+                out[i] = 0
+                continue
+            lo, hi = 1, len(chain)  # block lo-1 was sent to i
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                holders = blocks.get(chain[mid - 1])
+                if holders is not None and holders.get(i, -math.inf) >= oldest:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out[i] = lo
         return out
 
     def record(self, key: PrefixKey, instance_id: str) -> None:
         now = self.clock()
         blocks = self.blocks
-        for h in key.chain:
+        for h in reversed(key.chain):  # deepest first: the shallow blocks stay the most recent
             holders = blocks.get(h)
             if holders is None:
                 blocks[h] = {instance_id: now}
