@@ -5,13 +5,14 @@ prefix, embeddings are untouched, and the routing mode follows the deployment.""
 from __future__ import annotations
 
 import random
+import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.gateway.conftest import Cluster, admin_h
-from tests.support.procs import wait_for
+from tests.gateway.conftest import ADMIN, Cluster, admin_h
+from tests.support.procs import MODELFLEET, wait_for
 
 SYSTEM = "You answer questions about the ACME product catalogue, politely and briefly. " * 16  # ~1,300 chars
 
@@ -120,3 +121,35 @@ def test_routing_follows_the_deployment_and_refuses_unknown_modes(cluster: Clust
     assert r.status_code == 200 and r.json()["routing"] == "prefix", r.text
     wait_for(lambda: routing_of(cluster, g1) == "prefix", 15, what="routing prefix in the gateway")
     assert len({instance_of(g1, chat(1, "same question")) for _ in range(10)}) == 1
+
+
+def test_deploy_routing_flag(cluster: Cluster) -> None:
+    ctl = cluster.controller()
+
+    def deploy(name: str, routing: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            *MODELFLEET,
+            "deploy",
+            name,
+            "--backend",
+            "openai",
+            "--model",
+            "http://127.0.0.1:9",
+            "--replicas",
+            "0",
+            "--routing",
+            routing,
+            "--controller",
+            ctl,
+            "--admin-token",
+            ADMIN,
+        ]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    assert deploy("plain", "p2c").returncode == 0
+    bad = deploy("odd", "nearest")
+    assert bad.returncode != 0 and "routing" in bad.stdout + bad.stderr
+    got = httpx.get(f"{ctl}/v1/cluster/deployments", headers=admin_h(), timeout=10).json()["data"]
+    assert [(d["name"], d["routing"]) for d in got] == [("plain", "p2c")]
+    routes = httpx.get(f"{ctl}/v1/cluster/routes", headers=admin_h(), timeout=10).json()
+    assert [(m["name"], m["routing"]) for m in routes["models"]] == [("plain", "p2c")]
