@@ -3,18 +3,19 @@
 Three parts, the first and last pure:
 
 1. ``request_key``: the prompt as the model will see it, in a canonical byte form, cut into
-   fixed-size blocks whose hashes are chained (block i's hash covers blocks 0..i). Chat:
+   blocks on a fixed schedule, with a running hash at each block's end (block i's value
+   covers blocks 0..i). Chat:
    the tools first (chat templates put them into the system prompt), then every message in
    order, each rendered on its own (JSON, sorted keys), so turn n+1 of a conversation starts
    with exactly the bytes of turn n and extends its chain; the response format last (it is
    a decoding constraint in llama.cpp and vLLM, not prompt text: it must not break the
-   prefix). Completions: the prompt text (or
-   token ids). Embeddings: no key (no KV cache to hit). Only full blocks count: a prompt
-   shorter than one block has nothing worth steering.
+   prefix). Completions: the prompt text (or token ids). Embeddings: no key (no KV cache
+   to hit). Only full blocks count: a prompt shorter than one block has nothing worth
+   steering.
 
 2. ``PrefixIndex``: per model, what THIS gateway sent where: block hash -> {instance: last
    time}. Bounded (LRU on blocks) and expiring (ttl), so stale beliefs fade; nothing is
-   shared between gateways and nothing is written on another gateway's request path.
+   shared between gateways, so nothing on the request path waits for another process.
 
 3. ``pick``: given the candidates (with this gateway's in-flight counts), the number of
    leading blocks each is believed to hold, and the request's anchor, order them by
@@ -51,8 +52,8 @@ ROUTING_MODES = ("p2c", "prefix")
 BLOCK_BYTES = 256
 FINE_BYTES = 4096
 COARSE_BLOCK_BYTES = 1024
-# The rendezvous anchor is the hash of the first ANCHOR_BLOCKS blocks (or of all of them, if
-# fewer): requests that share ~1 KiB of prompt share their home. One block would put every
+# The rendezvous anchor is the chain's value at block ANCHOR_BLOCKS (or its last, if
+# shorter): requests that share ~1 KiB of prompt share their home. One block would put every
 # request that starts with the same boilerplate sentence on one instance.
 ANCHOR_BLOCKS = 4
 
