@@ -85,6 +85,9 @@ def test_what_has_no_key() -> None:
     assert request_key("chat", chat("short", "hi")) is None  # under one block: nothing to steer
     assert request_key("completions", {"model": "m", "prompt": "x" * (BLOCK_BYTES - 1)}) is None
     assert request_key("completions", {"model": "m", "prompt": [{"bad": 1}]}) is None
+    assert request_key("chat", {"model": "m", "messages": 5}) is None  # never an error: no key
+    huge = key_of({"prompt": "y" * (3 << 20)}, "completions")  # keyed on its first MiB only
+    assert huge == key_of({"prompt": "y" * (1 << 20) + "z" * 100}, "completions")
 
 
 def test_completion_prompts_text_tokens_and_batches() -> None:

@@ -56,6 +56,8 @@ COARSE_BLOCK_BYTES = 1024
 # shorter): requests that share ~1 KiB of prompt share their home. One block would put every
 # request that starts with the same boilerplate sentence on one instance.
 ANCHOR_BLOCKS = 4
+# Prompts are keyed on at most their first 1 MiB (~250k tokens, beyond any context window).
+MAX_KEY_BYTES = 1 << 20
 
 C = TypeVar("C", bound=Candidate)
 
@@ -113,7 +115,7 @@ def block_ends(size: int) -> range | list[int]:
     return [*fine, *range(FINE_BYTES + COARSE_BLOCK_BYTES, size + 1, COARSE_BLOCK_BYTES)]
 
 
-def chain_hashes(data: bytes) -> tuple[int, ...]:
+def chain_hashes(data: bytes | memoryview) -> tuple[int, ...]:
     """Chained hashes of the full blocks of ``data``: at each block's end, a 64-bit value of
     every byte up to it (CRC-32 and Adler-32, both running: each call extends the last, so
     the chain is one pass over the prompt in C). Not cryptographic and needs not be: a
@@ -133,16 +135,22 @@ def chain_hashes(data: bytes) -> tuple[int, ...]:
 
 
 def request_key(endpoint: str, req: Mapping[str, Any]) -> PrefixKey | None:
-    """The key of a validated request body, or None (embeddings, prompts under one block)."""
-    if endpoint == "chat":
-        data: bytes | None = render_chat(req)
-    elif endpoint == "completions":
-        data = render_completion(req)
-    else:
+    """The key of a validated request body, or None (embeddings, prompts under one block).
+
+    A key only steers: a body it cannot render gets none (P2C), never an error. Only the
+    first MAX_KEY_BYTES count, so a huge body costs bounded time on the event loop."""
+    try:
+        if endpoint == "chat":
+            data: bytes | None = render_chat(req)
+        elif endpoint == "completions":
+            data = render_completion(req)
+        else:
+            return None
+    except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
         return None
     if not data:
         return None
-    chain = chain_hashes(data)
+    chain = chain_hashes(memoryview(data)[:MAX_KEY_BYTES])
     return PrefixKey(chain) if chain else None
 
 
