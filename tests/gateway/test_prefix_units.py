@@ -180,11 +180,13 @@ def test_bound_always_admits_the_least_loaded_and_a_holder_its_second_request() 
         least = min(cands, key=lambda c: c.in_flight / c.weight)
         assert within_bound(least, least, 1.0)
     idle, holder = C("idle"), C("holder", in_flight=1)
-    assert within_bound(holder, idle, 1.25)  # one in flight while another idles: the cache still wins
-    holder.in_flight = 2
+    # Busy while another idles: give it away (a one-at-a-time runner would queue it) ...
     assert not within_bound(holder, idle, 1.25)
+    assert within_bound(holder, idle, 1.25, slack=1)  # ... unless the runner batches (slack)
+    holder.in_flight, idle.in_flight = 5, 4
+    assert within_bound(holder, idle, 1.25) and not within_bound(C("x", in_flight=6), idle, 1.25)
     heavy = C("heavy", weight=200, in_flight=2)  # twice the weight carries twice the load
-    assert within_bound(heavy, idle, 1.0)
+    assert within_bound(heavy, C("light", in_flight=1), 1.0)
 
 
 def test_a_new_prefix_goes_to_its_rendezvous_home() -> None:
@@ -201,17 +203,21 @@ def test_hot_prefix_spreads_within_the_bound_to_a_consistent_second_home() -> No
     picks = []
     for _ in range(40):  # requests that stay in flight
         c = pick(cands, {}, k.anchor, 1.25)
-        least = min(x.in_flight for x in cands)
-        assert c.in_flight <= 1.25 * (least + 1)
+        assert c.in_flight <= 1.25 * min(x.in_flight for x in cands)
         c.in_flight += 1
         picks.append(c.id)
-    assert picks[:2] == [order[0].id] * 2  # the home takes a second request while others idle
     # The overflow's first stop is the prefix's second rendezvous choice, not a random one.
-    assert next(p for p in picks if p != order[0].id) == order[1].id
+    assert picks[:2] == [order[0].id, order[1].id]
     counts = Counter(picks)
     assert counts[order[0].id] == max(counts.values())
-    assert max(counts.values()) <= 1.25 * (min(counts.values()) + 1) + 1
-    assert max(counts.values()) / (40 / 4) <= 1.5
+    assert max(counts.values()) / (40 / 4) <= 1.25
+    # With a slack of one (a batching runner) the home keeps a second request.
+    for c in cands:
+        c.in_flight = 0
+    first, second = pick(cands, {}, k.anchor, 1.25, 1), None
+    first.in_flight += 1
+    second = pick(cands, {}, k.anchor, 1.25, 1)
+    assert first is second is order[0]
 
 
 def test_skewed_load_moves_a_prefix_off_its_busy_holder() -> None:
@@ -219,8 +225,11 @@ def test_skewed_load_moves_a_prefix_off_its_busy_holder() -> None:
     a, b = C("a", in_flight=6), C("b", in_flight=0)
     # a holds the prefix, but 6 in flight against 0 is beyond 1.25 x its share of 7.
     assert pick([a, b], {"a": 5}, k.anchor, 1.25) is b
-    a.in_flight = 1  # within the bound: the cache wins over the idle instance
+    a.in_flight = b.in_flight = 1  # equally busy: the cache wins
     assert pick([a, b], {"a": 5}, k.anchor, 1.25) is a
+    b.in_flight = 0  # busy while the other idles: the other takes it, unless a slack allows
+    assert pick([a, b], {"a": 5}, k.anchor, 1.25) is b
+    assert pick([a, b], {"a": 5}, k.anchor, 1.25, slack=1) is a
     # The longest match wins over the rendezvous home.
     home = balancer.pinned(k.anchor, [a, b])
     other = b if home is a else a
@@ -267,7 +276,6 @@ def test_two_gateways_deciding_alone_agree_on_every_group() -> None:
         g.apply(table())
     rng = random.Random(7)
     seen: dict[int, set[str]] = {}
-    held: list[tuple[Pool, Inst]] = []
     for n in range(600):
         group = rng.randrange(12)
         gw = gws[rng.randrange(2)]
@@ -275,10 +283,7 @@ def test_two_gateways_deciding_alone_agree_on_every_group() -> None:
         inst = gw.try_acquire(gw.models["m"], key=k)
         assert isinstance(inst, Inst)
         seen.setdefault(group, set()).add(inst.id)
-        held.append((gw, inst))
-        if len(held) > 1:  # light load: at most one other request in flight
-            p, i = held.pop(0)
-            p.release(i)
+        gw.release(inst)  # one at a time: what is tested here is agreement, not the load bound
     assert all(len(ids) == 1 for ids in seen.values()), seen
     assert len({next(iter(ids)) for ids in seen.values()}) == 3  # and the groups use every instance
 

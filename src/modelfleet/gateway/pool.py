@@ -185,7 +185,7 @@ class Pool:
 
     def _by_prefix(self, m: ModelState, index: prefix.PrefixIndex, key: prefix.PrefixKey, room: list[Inst]) -> Inst:
         matched = index.matched(key, [c.id for c in room])
-        inst, why = prefix.pick_why(room, matched, key.anchor, self.s.prefix_load_bound)
+        inst, why = prefix.pick_why(room, matched, key.anchor, self.s.prefix_load_bound, self.s.prefix_load_slack)
         self.on_prefix(m.name, why)
         return inst
 

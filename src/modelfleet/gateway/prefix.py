@@ -20,10 +20,9 @@ Three parts, the first and last pure:
 3. ``pick``: given the candidates (with this gateway's in-flight counts), the number of
    leading blocks each is believed to hold, and the request's anchor, order them by
    (matched blocks, rendezvous score of the anchor) and take the first whose load stays
-   within ``bound`` times the least loaded one's plus one (bounded-load consistent hashing,
-   measured against the least loaded rather than the mean, as SGLang's and vLLM's
-   cache-aware routers do: at the low counts of LLM serving a mean-based cap would refuse a
-   cache hit its second request). A prefix nobody has seen goes to its rendezvous
+   within ``bound`` times the least loaded one's, plus ``slack`` (bounded-load consistent
+   hashing, measured against the least loaded rather than the mean, as SGLang's and vLLM's
+   cache-aware routers do). A prefix nobody has seen goes to its rendezvous
    winner, the same instance in every gateway: active-active gateways keep affinity without
    talking. When the winner is too busy, the next in that same order takes it, so a hot
    prefix spreads to a consistent second home rather than to a random one.
@@ -229,30 +228,34 @@ class PrefixIndex:
 
 
 # -- 3. the policy ---------------------------------------------------------------------------
-def within_bound(c: Candidate, least: Candidate, bound: float) -> bool:
+def within_bound(c: Candidate, least: Candidate, bound: float, slack: int = 0) -> bool:
     """``c`` may take one more request: its in-flight count (per unit of weight) is at most
-    ``bound`` times the least loaded one's plus one request. The "plus one" lets a prefix's
-    holder take a second request while another instance idles (a cache hit usually beats
-    an idle instance that must read the whole prompt); beyond that, load wins. The least
-    loaded always passes, so the bound never refuses everyone."""
-    return c.in_flight * least.weight <= bound * (least.in_flight + 1) * c.weight
+    ``bound`` times the least loaded one's, plus ``slack`` requests. With no slack a holder
+    that is busy while another instance idles gives the request away: on a runner that
+    serves one request at a time a second one waits out the whole first, and measured, a
+    slack of one piled every group of a run onto one replica (docs/gateway.md). A batching
+    runner (vLLM, llama-server slots) can take a slack of a few. The least loaded always
+    passes, so the bound never refuses everyone."""
+    return c.in_flight * least.weight <= (bound * least.in_flight + slack) * c.weight
 
 
-def pick(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float) -> C:
+def pick(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float, slack: int = 0) -> C:
     """The instance for a keyed request among non-empty ``cands`` (routable, with room).
 
     Longest believed prefix first, then the anchor's rendezvous order; the first within the
     load bound wins, else the least loaded (weighted)."""
-    return pick_why(cands, matched, anchor, bound)[0]
+    return pick_why(cands, matched, anchor, bound, slack)[0]
 
 
-def pick_why(cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float) -> tuple[C, str]:
+def pick_why(
+    cands: Sequence[C], matched: Mapping[str, int], anchor: bytes, bound: float, slack: int = 0
+) -> tuple[C, str]:
     """``pick``, with why: "cached" (the instance believed to hold the most of the prefix),
     "home" (nobody holds any: the rendezvous home), "spilled" (the preferred one was over
     the load bound)."""
     least = min(cands, key=lambda c: c.in_flight / c.weight)
     order = sorted(cands, key=lambda c: (matched.get(c.id, 0), rendezvous_score(anchor, c.id, c.weight)), reverse=True)
     for n, c in enumerate(order):
-        if within_bound(c, least, bound):
+        if within_bound(c, least, bound, slack):
             return c, ("spilled" if n else "cached" if matched.get(c.id, 0) else "home")
     return least, "spilled"  # not reached: the least loaded is within the bound

@@ -55,10 +55,12 @@ class GatewaySettings:
     affinity_slack: int = 4
     affinity_ratio: float = 2.0
     # Prefix-aware routing (models with routing "prefix", docs/gateway.md): the instance that
-    # holds a prompt's prefix takes it while its in-flight count stays within this factor of
-    # its fair share (at least 1); the index of what was sent where keeps this many blocks
-    # (~64 tokens each) per model, each believed for this long.
+    # holds a prompt's prefix takes it while its in-flight count is at most this factor (at
+    # least 1) of the least loaded one's, plus `prefix_load_slack` requests (0 suits runners
+    # that serve one request at a time; a few, batching ones); the index of what was sent
+    # where keeps this many blocks (~64 tokens each) per model, each believed for this long.
     prefix_load_bound: float = 1.25
+    prefix_load_slack: int = 0
     prefix_index_blocks: int = 32768
     prefix_ttl_s: float = 600.0
     # Long-poll wait per routes request; failures of a controller are seen within it.
@@ -85,8 +87,10 @@ class GatewaySettings:
             self.gateway_id = f"{socket.gethostname()}:{self.port}"
         if self.max_attempts < 1 or self.processes < 1 or self.eject_after < 1:
             raise ValueError("max_attempts, processes and eject_after must be at least 1")
-        if self.prefix_load_bound < 1 or self.prefix_index_blocks < 1 or self.prefix_ttl_s <= 0:
-            raise ValueError("prefix_load_bound must be at least 1, prefix_index_blocks and prefix_ttl_s positive")
+        if self.prefix_load_bound < 1 or self.prefix_load_slack < 0 or self.prefix_index_blocks < 1 \
+                or self.prefix_ttl_s <= 0:
+            raise ValueError("prefix_load_bound must be at least 1, prefix_load_slack at least 0, "
+                             "prefix_index_blocks and prefix_ttl_s positive")
         if min(self.client_header_timeout_s, self.client_body_timeout_s, self.send_timeout_s) <= 0:
             raise ValueError("client_header_timeout_s, client_body_timeout_s and send_timeout_s must be positive")
 
