@@ -372,7 +372,7 @@ def deploy(
     weight: int = 100,
     routing: Annotated[str, typer.Option(help="How gateways pick a replica: prefix (where the prompt's prefix is "
                                               "cached, within a load bound), p2c (least busy of two), auto "
-                                              "(prefix unless the model only embeds).")] = "auto",
+                                              "(p2c for now: docs/gateway.md).")] = "auto",
     controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
     admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
 ) -> None:

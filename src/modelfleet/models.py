@@ -236,7 +236,7 @@ class DeploymentFields(BaseModel):
     catalog: str | None = None  # the catalog entry that filled it (see DeploymentSpec)
     # How gateways pick an instance for a request: "p2c" (least outstanding, power of two
     # choices), "prefix" (where the prompt's prefix is cached, within a load bound; gateway/
-    # prefix.py) or "auto" (the default for the model's backend: controller/routes.py).
+    # prefix.py) or "auto" (the default: controller/routes.py model_routing).
     routing: str = "auto"
 
 

@@ -36,8 +36,18 @@ def routing_of(cluster: Cluster, gateway: str, model: str = "m") -> str:
     return next(m["routing"] for m in status["models"] if m["name"] == model)
 
 
-def three_instances_two_gateways(cluster: Cluster, *upstream_args: str) -> tuple[str, str]:
+def deploy_m(cluster: Cluster, routing: str) -> httpx.Response:
+    """A deployment named like the declared instances' model: it carries their routing."""
+    return httpx.post(
+        f"{cluster.controller_urls[0]}/v1/cluster/deployments",
+        headers=admin_h(),
+        json={"name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": routing},
+    )
+
+
+def three_instances_two_gateways(cluster: Cluster, *upstream_args: str, routing: str = "prefix") -> tuple[str, str]:
     cluster.controller()
+    assert deploy_m(cluster, routing).status_code == 201
     for name in ("a", "b", "c"):
         url = cluster.upstream(name, *upstream_args)
         if cluster.worker is None:
@@ -53,7 +63,6 @@ def three_instances_two_gateways(cluster: Cluster, *upstream_args: str) -> tuple
 
 def test_two_gateways_send_each_prefix_to_the_same_instance(cluster: Cluster) -> None:
     g1, g2 = three_instances_two_gateways(cluster)
-    # A chat model of an attached server: prefix routing by default.
     assert routing_of(cluster, g1) == routing_of(cluster, g2) == "prefix"
     rng = random.Random(5)
     homes: dict[int, set[str]] = {}
@@ -98,29 +107,27 @@ def test_the_load_bound_spreads_a_hot_prefix_and_embeddings_are_untouched(cluste
 
 
 def test_routing_follows_the_deployment_and_refuses_unknown_modes(cluster: Cluster) -> None:
-    g1, _ = three_instances_two_gateways(cluster)
+    g1, _ = three_instances_two_gateways(cluster, routing="auto")
     ctl = cluster.controller_urls[0]
+    # "auto" is P2C (docs/gateway.md): the same prompt spreads.
+    assert routing_of(cluster, g1) == "p2c"
+    spread = {instance_of(g1, chat(1, "same question")) for _ in range(30)}
+    assert len(spread) >= 2, spread
     bad = httpx.post(
         f"{ctl}/v1/cluster/deployments",
         headers=admin_h(),
-        json={"name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "random"},
+        json={"name": "n", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "random"},
     )
     assert bad.status_code == 422 and "routing" in bad.text, bad.text
-    r = httpx.post(
-        f"{ctl}/v1/cluster/deployments",
-        headers=admin_h(),
-        json={"name": "m", "backend": "openai", "source": "http://127.0.0.1:9", "replicas": 0, "routing": "p2c"},
-    )
-    assert r.status_code == 201, r.text
-    wait_for(lambda: routing_of(cluster, g1) == "p2c", 15, what="routing p2c in the gateway")
-    spread = {instance_of(g1, chat(1, "same question")) for _ in range(30)}
-    assert len(spread) >= 2, spread
     bad = httpx.patch(f"{ctl}/v1/cluster/deployments/m", headers=admin_h(), json={"routing": "nearest"})
     assert bad.status_code == 422, bad.text
     r = httpx.patch(f"{ctl}/v1/cluster/deployments/m", headers=admin_h(), json={"routing": "prefix"})
     assert r.status_code == 200 and r.json()["routing"] == "prefix", r.text
     wait_for(lambda: routing_of(cluster, g1) == "prefix", 15, what="routing prefix in the gateway")
     assert len({instance_of(g1, chat(1, "same question")) for _ in range(10)}) == 1
+    r = httpx.patch(f"{ctl}/v1/cluster/deployments/m", headers=admin_h(), json={"routing": "p2c"})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: routing_of(cluster, g1) == "p2c", 15, what="routing p2c in the gateway")
 
 
 def test_deploy_routing_flag(cluster: Cluster) -> None:

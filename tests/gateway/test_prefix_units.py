@@ -343,6 +343,7 @@ def test_deployment_routing_is_validated_and_carried_to_the_route_table() -> Non
         Deployment(name="emb", backend="sentence-transformers", source="y"),
         Deployment(name="plain", source="z", routing="p2c"),
         Deployment(name="forced", backend="sentence-transformers", source="y", routing="prefix"),
+        Deployment(name="picked", source="y", routing="prefix"),
     ]
     payload = build_route_table(
         revision=1,
@@ -355,8 +356,15 @@ def test_deployment_routing_is_validated_and_carried_to_the_route_table() -> Non
         api_keys=[],
         meta=ClusterMeta(cluster_id="k", auth="none"),
     )
-    assert parse_routes(payload).routing == {"chat": "prefix", "emb": "p2c", "plain": "p2c", "forced": "prefix"}
-    assert model_routing("auto", None) == "prefix"  # an attached server of unknown kind
+    assert parse_routes(payload).routing == {
+        "chat": "p2c",  # auto: P2C until a benchmark bears prefix routing out (docs/gateway.md)
+        "emb": "p2c",
+        "plain": "p2c",
+        "forced": "p2c",  # embeddings never have a key
+        "picked": "prefix",
+    }
+    assert model_routing("prefix", None) == "prefix"  # an attached server of unknown kind
+    assert model_routing("auto", None) == "p2c"
 
 
 def test_settings_refuse_a_bound_below_one() -> None:

@@ -34,15 +34,16 @@ def model_endpoints(backend: str, params: dict[str, Any]) -> list[str] | None:
 
 
 def model_routing(routing: str, endpoints: list[str] | None) -> str:
-    """The routing mode gateways use for a model: the deployment's choice, or for "auto" (and
-    declared instances) "prefix" unless the model only embeds. Prefix routing costs nothing
-    where a request has no prompt key (embeddings, prompts under one block: P2C then), and the
-    benchmark (docs/gateway.md, bench/prefix.py) shows it pays where prompts share prefixes."""
-    if routing in ("p2c", "prefix"):
-        return routing
+    """The routing mode gateways use for a model: the deployment's choice; "auto" (and
+    declared instances) is "p2c" for now. bench/prefix.py on today's llama.cpp runner (one
+    request at a time, one cached prompt unless `cache` is set) did not bear prefix routing
+    out as a default: no gain without slack, hot spots with it (docs/gateway.md). Embedding-
+    only models are "p2c" whatever the deployment says: their requests never have a key."""
     if endpoints is not None and "chat" not in endpoints and "completions" not in endpoints:
         return "p2c"
-    return "prefix"
+    if routing in ("p2c", "prefix"):
+        return routing
+    return "p2c"
 
 
 def build_route_table(
