@@ -279,6 +279,10 @@ def gateway(
     eject_cooldown_max: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_MAX_S")] = 300.0,
     affinity_slack: Annotated[int, typer.Option(envvar="MODELFLEET_AFFINITY_SLACK")] = 4,
     affinity_ratio: Annotated[float, typer.Option(envvar="MODELFLEET_AFFINITY_RATIO")] = 2.0,
+    prefix_load_bound: Annotated[float, typer.Option(envvar="MODELFLEET_PREFIX_LOAD_BOUND")] = 1.25,
+    prefix_load_slack: Annotated[int, typer.Option(envvar="MODELFLEET_PREFIX_LOAD_SLACK")] = 0,
+    prefix_index_blocks: Annotated[int, typer.Option(envvar="MODELFLEET_PREFIX_INDEX_BLOCKS")] = 32768,
+    prefix_ttl: Annotated[float, typer.Option(envvar="MODELFLEET_PREFIX_TTL_S")] = 600.0,
     poll_wait: Annotated[float, typer.Option(envvar="MODELFLEET_POLL_WAIT_S")] = 10.0,
     gateway_id: Annotated[str, typer.Option(envvar="MODELFLEET_GATEWAY_ID")] = "",
     shutdown_delay: Annotated[
@@ -302,6 +306,8 @@ def gateway(
             send_timeout_s=send_timeout, client_header_timeout_s=client_header_timeout,
             client_body_timeout_s=client_body_timeout,
             eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
+            prefix_load_bound=prefix_load_bound, prefix_load_slack=prefix_load_slack,
+            prefix_index_blocks=prefix_index_blocks, prefix_ttl_s=prefix_ttl,
             poll_wait_s=poll_wait, gateway_id=gateway_id, shutdown_delay_s=shutdown_delay,
         )
     )
