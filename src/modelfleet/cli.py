@@ -288,6 +288,10 @@ def gateway(
     eject_cooldown_max: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_MAX_S")] = 300.0,
     affinity_slack: Annotated[int, typer.Option(envvar="MODELFLEET_AFFINITY_SLACK")] = 4,
     affinity_ratio: Annotated[float, typer.Option(envvar="MODELFLEET_AFFINITY_RATIO")] = 2.0,
+    prefix_load_bound: Annotated[float, typer.Option(envvar="MODELFLEET_PREFIX_LOAD_BOUND")] = 1.25,
+    prefix_load_slack: Annotated[int, typer.Option(envvar="MODELFLEET_PREFIX_LOAD_SLACK")] = 0,
+    prefix_index_blocks: Annotated[int, typer.Option(envvar="MODELFLEET_PREFIX_INDEX_BLOCKS")] = 32768,
+    prefix_ttl: Annotated[float, typer.Option(envvar="MODELFLEET_PREFIX_TTL_S")] = 600.0,
     poll_wait: Annotated[float, typer.Option(envvar="MODELFLEET_POLL_WAIT_S")] = 10.0,
     gateway_id: Annotated[str, typer.Option(envvar="MODELFLEET_GATEWAY_ID")] = "",
     shutdown_delay: Annotated[
@@ -316,6 +320,8 @@ def gateway(
             send_timeout_s=send_timeout, client_header_timeout_s=client_header_timeout,
             client_body_timeout_s=client_body_timeout,
             eject_cooldown_max_s=eject_cooldown_max, affinity_slack=affinity_slack, affinity_ratio=affinity_ratio,
+            prefix_load_bound=prefix_load_bound, prefix_load_slack=prefix_load_slack,
+            prefix_index_blocks=prefix_index_blocks, prefix_ttl_s=prefix_ttl,
             poll_wait_s=poll_wait, gateway_id=gateway_id, shutdown_delay_s=shutdown_delay,
             access_log=access_log, log_format=log_format or "",
         )
@@ -392,6 +398,9 @@ def deploy(
     param: Annotated[list[str] | None, typer.Option("--param", help="Backend parameter k=v.")] = None,
     policy: Annotated[str, typer.Option(help="spread or binpack")] = "spread",
     weight: int = 100,
+    routing: Annotated[str, typer.Option(help="How gateways pick a replica: prefix (where the prompt's prefix is "
+                                              "cached, within a load bound), p2c (least busy of two), auto "
+                                              "(p2c for now: docs/gateway.md).")] = "auto",
     controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
     admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -401,6 +410,7 @@ def deploy(
 
     body: dict[str, Any] = {
         "name": name, "replicas": replicas, "max_concurrency": max_concurrency, "weight": weight,
+        "routing": routing,
         "params": {k: parse_param_value(v) for k, v in parse_kv(param, "--param").items()},
         "placement": {"labels": parse_kv(label, "--label"), "gpus": gpus, "gpu_memory": int(gpu_memory * (1 << 30)),
                       "memory": int(memory * (1 << 30)), "policy": policy},

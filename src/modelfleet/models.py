@@ -9,7 +9,7 @@ carried as seconds since the epoch *of the store*; health is computed from
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
@@ -87,6 +87,7 @@ Replicas = Annotated[int, Field(ge=0, le=MAX_REPLICAS)]
 Concurrency = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
 Weight = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+Routing = Literal["auto", "p2c", "prefix"]
 
 
 class GPU(BaseModel):
@@ -233,6 +234,10 @@ class DeploymentFields(BaseModel):
     placement: Placement = Field(default_factory=Placement)
     weight: int = 100
     catalog: str | None = None  # the catalog entry that filled it (see DeploymentSpec)
+    # How gateways pick an instance for a request: "p2c" (least outstanding, power of two
+    # choices), "prefix" (where the prompt's prefix is cached, within a load bound; gateway/
+    # prefix.py) or "auto" (the default: controller/routes.py model_routing).
+    routing: str = "auto"
 
 
 class DeploymentSpec(DeploymentFields):
@@ -252,6 +257,7 @@ class DeploymentSpec(DeploymentFields):
     # A catalog entry (modelfleet.catalog) whose source, backend and defaults fill what the
     # request leaves out; None when the source is given.
     catalog: Annotated[SafeStr, Field(min_length=1, max_length=NAME_MAX_LEN)] | None = None
+    routing: Routing = "auto"
 
 
 class Deployment(DeploymentFields):

@@ -59,6 +59,7 @@ from modelfleet.models import (
     Params,
     PlacementSpec,
     Replicas,
+    Routing,
     SafeStr,
     Weight,
     WorkerInfo,
@@ -122,6 +123,7 @@ class DeploymentPatch(BaseModel):
     weight: Weight | None = None
     params: Params | None = None
     placement: PlacementSpec | None = None
+    routing: Routing | None = None
 
 
 class InstanceEventIn(BaseModel):

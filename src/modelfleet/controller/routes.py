@@ -33,6 +33,19 @@ def model_endpoints(backend: str, params: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def model_routing(routing: str, endpoints: list[str] | None) -> str:
+    """The routing mode gateways use for a model: the deployment's choice; "auto" (and
+    declared instances) is "p2c" for now. bench/prefix.py on today's llama.cpp runner (one
+    request at a time, one cached prompt unless `cache` is set) did not bear prefix routing
+    out as a default: no gain without slack, hot spots with it (docs/gateway.md). Embedding-
+    only models are "p2c" whatever the deployment says: their requests never have a key."""
+    if endpoints is not None and "chat" not in endpoints and "completions" not in endpoints:
+        return "p2c"
+    if routing in ("p2c", "prefix"):
+        return routing
+    return "p2c"
+
+
 def build_route_table(
     *,
     revision: int,
@@ -55,6 +68,7 @@ def build_route_table(
     ``replaces`` theirs); ``auth`` is the store's auth state ("none", "required", "opened")."""
     models: dict[str, list[dict[str, Any]]] = {d.name: [] for d in deployments}
     endpoints: dict[str, list[str] | None] = {d.name: model_endpoints(d.backend, d.params) for d in deployments}
+    chosen = {d.name: d.routing for d in deployments}
     for inst in instances:
         models.setdefault(inst.model, [])
         if inst.model not in endpoints:  # declared by its worker: what its own backend serves
@@ -77,7 +91,8 @@ def build_route_table(
         "store_time": store_time,
         "controller_id": controller_id,
         "heartbeat_ttl": ttl,
-        "models": [{"name": name, "instances": models[name], "endpoints": endpoints[name]} for name in sorted(models)],
+        "models": [{"name": name, "instances": models[name], "endpoints": endpoints[name],
+                    "routing": model_routing(chosen.get(name, "auto"), endpoints[name])} for name in sorted(models)],
         "api_keys": [{"id": k.id, "secret_hash": k.secret_hash} for k in api_keys if not k.revoked],
         # Once any key was ever created, inference needs one: revoking the last key, or a key
         # table that is suddenly empty, must close the door, not open it. Only an admin's

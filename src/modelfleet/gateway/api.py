@@ -97,6 +97,7 @@ class GatewayApp:
                                     count_event=lambda event: self.metrics.route_events.labels(event).inc())
         self.proxy = Proxy(settings, self.pool, self.metrics, self.stats, lambda: self.table)
         self.metrics.attach(self.pool, self.watcher)
+        self.pool.on_prefix = lambda model, outcome: self.metrics.prefix_routed.labels(model, outcome).inc()
         self._first_table = asyncio.Event()
         self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
         self._grace: Grace | None = None  # a hold on missing instances: see routes.keep_missing
@@ -337,6 +338,8 @@ class GatewayApp:
                 "failed_attempts": i.failed_attempts,
             } for i in m.instances]
             models.append({"name": name, "in_flight": m.in_flight, "queued": len(m.waiters), "slots": m.slots,
+                           "routing": "prefix" if m.prefixes is not None else "p2c",
+                           "prefix_blocks": len(m.prefixes) if m.prefixes is not None else 0,
                            "mean_latency_s": round(m.latency_ewma, 4), "instances": insts,
                            "recent": self.stats.series(name, now, buckets)})
         return {

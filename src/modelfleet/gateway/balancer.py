@@ -11,6 +11,11 @@ and a full scan makes them all pick the same "least busy" instance at once (herd
 Session affinity (X-Session-ID): rendezvous hashing, weighted, picks the same instance for
 a session in every gateway and moves only that instance's sessions when it leaves. It
 yields to load when the pinned instance is full or much busier than the least busy one.
+
+Prefix routing (a model deployed with routing "prefix", see prefix.py): a request with a
+prompt key goes where its prefix was sent before (or to its rendezvous home), within a load
+bound; the caller passes that policy in as ``keyed``, bound to the request's key. A session
+id wins over it: the client asked for that instance explicitly.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -129,6 +134,7 @@ def choose(
     session: bytes | None = None,
     slack: int = 4,
     ratio: float = 2.0,
+    keyed: Callable[[list[C]], C] | None = None,
 ) -> C | Verdict:
     """The instance for a new request, or ALL_FULL (queue it) or NO_INSTANCE (503)."""
     pool = eligible(candidates, now, exclude)
@@ -143,4 +149,6 @@ def choose(
             least = min(room, key=lambda c: c.in_flight)
             if not much_busier(pin, least, slack, ratio):
                 return pin
+    if keyed is not None:
+        return keyed(room)
     return p2c(room, rng)

@@ -47,6 +47,8 @@ LIVE_GAUGES = {
                                                        "livesum"),
     "modelfleet_gateway_instance_ejected": LiveGauge("1 while the instance is ejected", ("model", "instance"),
                                                      "livemax"),
+    "modelfleet_gateway_prefix_index_blocks": LiveGauge(
+        "Prompt blocks in the prefix-routing index per model (routing prefix)", ("model",), "livesum"),
     "modelfleet_gateway_route_table_age_seconds": LiveGauge(
         "Seconds since a controller last vouched for the route table", (), "livemax"),
     "modelfleet_gateway_route_table_fresh": LiveGauge("1 while a controller answers", (), "livemin"),
@@ -88,6 +90,11 @@ class GatewayMetrics:
             "modelfleet_gateway_route_events",
             "Route tables refused (refused_cluster, refused_revision), held (held_sudden_loss, held_reconnect), "
             "or served with keys kept required (auth_kept_required)", ["event"], registry=r)
+        self.prefix_routed = Counter(
+            "modelfleet_gateway_prefix_routed",
+            "Prefix-routed requests by outcome: cached (to the instance believed to hold the most of the "
+            "prompt), home (no history: the prefix's rendezvous home), spilled (the preferred one was over "
+            "the load bound)", ["model", "outcome"], registry=r)
         self._req: dict[tuple[str, int], Callable[[], None]] = {}
         self._lat: dict[str, Callable[[float], None]] = {}
         self._ttft: dict[str, Callable[[float], None]] = {}
@@ -170,13 +177,16 @@ class _LiveCollector(Collector):
         m_in, m_q = live_family("modelfleet_gateway_in_flight"), live_family("modelfleet_gateway_queued")
         i_in = live_family("modelfleet_gateway_instance_in_flight")
         i_ej = live_family("modelfleet_gateway_instance_ejected")
+        p_ix = live_family("modelfleet_gateway_prefix_index_blocks")
         for name, m in self.pool.models.items():
+            if m.prefixes is not None:
+                p_ix.add_metric([name], len(m.prefixes))
             m_in.add_metric([name], m.in_flight)
             m_q.add_metric([name], len(m.waiters))
             for i in m.instances:
                 i_in.add_metric([name, i.id], i.in_flight)
                 i_ej.add_metric([name, i.id], 1.0 if i.ejected(now) else 0.0)
-        yield from (m_in, m_q, i_in, i_ej)
+        yield from (m_in, m_q, i_in, i_ej, p_ix)
         f = self.watcher.freshness
         age = f.age_s(time.time(), self.watcher.polling)
         yield live_family("modelfleet_gateway_route_table_age_seconds", -1.0 if age is None else age)

@@ -9,13 +9,14 @@ own, and each enforces its share of an instance's max_concurrency (admission.pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 
-from modelfleet.gateway import admission, balancer, ejection
+from modelfleet.gateway import admission, balancer, ejection, prefix
 from modelfleet.gateway.routes import InstanceRoute, RouteTable
 from modelfleet.gateway.settings import GatewaySettings
 
@@ -77,13 +78,15 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("instances", "latency_ewma", "name", "waiters")
+    __slots__ = ("instances", "latency_ewma", "name", "prefixes", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.instances: list[Inst] = []
         self.waiters: deque[Waiter] = deque()
         self.latency_ewma = 0.0  # seconds, completed requests
+        # Routing "prefix": what this process sent where (prefix.py); None: plain P2C.
+        self.prefixes: prefix.PrefixIndex | None = None
 
     @property
     def slots(self) -> int:
@@ -109,6 +112,8 @@ class Pool:
         self.process_index = process_index
         self.rng = rng or random.Random()
         self.ejections_total = 0
+        # (model, outcome) of each prefix-routed choice: "cached", "home" or "spilled" (metrics).
+        self.on_prefix: Callable[[str, str], None] = lambda _model, _outcome: None
 
     # -- route table --------------------------------------------------------------------
     def apply(self, table: RouteTable) -> None:
@@ -133,8 +138,19 @@ class Pool:
                     inst.update(r, m, slots)
                 insts.append(inst)
                 instances[r.id] = inst
+            gone = {i.id for i in m.instances} - {i.id for i in insts}
             m.instances = insts
             models[name] = m
+            routing = table.routing.get(name, "p2c")
+            if routing == "prefix" and m.prefixes is None:
+                m.prefixes = prefix.PrefixIndex(self.s.prefix_index_blocks, self.s.prefix_ttl_s)
+                log.info("model %s: prefix-aware routing", name)
+            elif routing != "prefix" and m.prefixes is not None:
+                m.prefixes = None
+                log.info("model %s: routing %s", name, routing)
+            elif m.prefixes is not None and gone:
+                # Its cache went with it; a replacement must not inherit the belief.
+                m.prefixes.forget({i.id for i in insts})
         for iid, inst in self.instances.items():
             if iid not in instances and inst.aborts:
                 now = asyncio.get_running_loop().time()
@@ -152,19 +168,32 @@ class Pool:
                 self.drain(m)
 
     # -- admission ----------------------------------------------------------------------
-    def try_acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None
-                    ) -> Inst | balancer.Verdict:
+    def try_acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None,
+                    key: prefix.PrefixKey | None = None) -> Inst | balancer.Verdict:
+        """``key``: the request's prompt key when ``m`` routes by prefix (else None)."""
+        index = m.prefixes
+        keyed = None
+        if key is not None and index is not None:
+            keyed = functools.partial(self._by_prefix, m, index, key)
         d = balancer.choose(m.instances, time.monotonic(), self.rng, exclude, session,
-                            self.s.affinity_slack, self.s.affinity_ratio)
+                            self.s.affinity_slack, self.s.affinity_ratio, keyed)
         if isinstance(d, Inst):
             d.in_flight += 1
+            if key is not None and index is not None:
+                index.record(key, d.id)
         return d
 
+    def _by_prefix(self, m: ModelState, index: prefix.PrefixIndex, key: prefix.PrefixKey, room: list[Inst]) -> Inst:
+        matched = index.matched(key, [c.id for c in room])
+        inst, why = prefix.pick_why(room, matched, key.anchor, self.s.prefix_load_bound, self.s.prefix_load_slack)
+        self.on_prefix(m.name, why)
+        return inst
+
     async def acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None,
-                      wait_s: float | None = None) -> Inst:
+                      wait_s: float | None = None, key: prefix.PrefixKey | None = None) -> Inst:
         """A slot on an instance of ``m``: at once, or after queueing. Raises Overloaded or
         NoInstance. The caller must ``release`` the instance when done."""
-        d = self.try_acquire(m, exclude, session)
+        d = self.try_acquire(m, exclude, session, key)
         if d.__class__ is Inst:
             return d  # type: ignore[return-value]
         if d is balancer.NO_INSTANCE:
@@ -173,7 +202,10 @@ class Pool:
         if not admission.queue_has_room(len(m.waiters), self.s.queue_len) or wait <= 0:
             raise Overloaded(self.retry_after(m), f"model {m.name} is overloaded: every instance is busy "
                                                   f"and {len(m.waiters)} requests are queued")
-        return await self._wait(m, exclude, wait)
+        inst = await self._wait(m, exclude, wait)
+        if key is not None and m.prefixes is not None:
+            m.prefixes.record(key, inst.id)  # a queued request goes where a slot frees first
+        return inst
 
     async def _wait(self, m: ModelState, exclude: tuple[str, ...], wait: float) -> Inst:
         loop = asyncio.get_running_loop()

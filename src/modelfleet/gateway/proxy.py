@@ -31,6 +31,7 @@ from modelfleet.gateway.access import CURRENT as CURRENT_REQUEST
 from modelfleet.gateway.auth import key_allowed
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.pool import Inst, ModelState, NoInstance, Overloaded, Pool
+from modelfleet.gateway.prefix import PrefixKey, request_key
 from modelfleet.gateway.routes import RouteTable
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats
@@ -162,13 +163,15 @@ class Proxy:
         if bad is not None:
             return await self.fail(send, t0, model, 400, bad.message, param=bad.param, code=bad.code)
         stream = req.get("stream") is True
+        # Prefix routing: the prompt's block chain, hashed once (never for embeddings).
+        key = request_key(endpoint, req) if m.prefixes is not None else None
 
         task = asyncio.current_task()
         assert task is not None
         watch = _Watch()
         watcher = asyncio.get_running_loop().create_task(watch.run(receive, task))
         try:
-            await self.forward(send, t0, m, path, body, stream, session_id, watch)
+            await self.forward(send, t0, m, path, body, stream, session_id, watch, key)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
@@ -180,7 +183,7 @@ class Proxy:
 
     # -- forwarding -------------------------------------------------------------------------
     async def forward(self, send: Send, t0: float, m: ModelState, path: str, body: bytes, stream: bool,
-                      session_id: bytes | None, watch: _Watch) -> None:
+                      session_id: bytes | None, watch: _Watch, key: PrefixKey | None = None) -> None:
         s, pool = self.s, self.pool
         post = self.upstream.post
         read_timeout = s.read_timeout_s
@@ -192,11 +195,11 @@ class Proxy:
         rec = CURRENT_REQUEST.get()  # access.RequestEdge: the request id for the instance, attempts
         request_id = rec.upstream_header if rec is not None else b""
         while True:
-            inst = pool.try_acquire(m, tried, session_id)
+            inst = pool.try_acquire(m, tried, session_id, key)
             if inst.__class__ is not Inst:
                 tq = perf_counter()
                 try:
-                    inst = await pool.acquire(m, tried, session_id, s.retry_budget_s - (tq - t0))
+                    inst = await pool.acquire(m, tried, session_id, s.retry_budget_s - (tq - t0), key)
                 except Overloaded as exc:
                     if relay is not None:
                         return await self.respond(send, t0, m.name, *relay, waited, watch)

@@ -60,6 +60,8 @@ class RouteTable:
     cluster_id: str = ""  # "" from a controller that does not publish one
     auth: str = "none"  # the store's auth state: "none" | "required" | "opened"
     replaces: frozenset[str] = frozenset()  # cluster ids an operator accepted this one in place of
+    # How each model picks an instance: "p2c" or "prefix"; a model not listed: "p2c".
+    routing: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 EMPTY = RouteTable(revision=-1, controller_id="", models={}, key_hashes=frozenset(), payload={})
@@ -143,7 +145,8 @@ def keep_missing(previous: RouteTable, new: RouteTable) -> RouteTable:
         extra = tuple(i for i in old if i.id not in have)
         if extra:
             models[name] += extra
-    return replace(new, models=models, endpoints={**previous.endpoints, **new.endpoints})
+    return replace(new, models=models, endpoints={**previous.endpoints, **new.endpoints},
+                   routing={**previous.routing, **new.routing})
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def parse_routes(payload: dict[str, Any]) -> RouteTable:
         keys = frozenset(str(k["secret_hash"]).lower() for k in payload.get("api_keys") or ())
         auth_required = bool(payload.get("auth_required", bool(keys)))
         return RouteTable(revision=int(payload["revision"]), controller_id=str(payload.get("controller_id", "")),
-                          models=models, key_hashes=keys, payload=payload,
+                          models=models, key_hashes=keys, payload=payload, routing=parse_routing(payload["models"]),
                           heartbeat_ttl=float(payload.get("heartbeat_ttl") or 6.0),
                           auth_required=auth_required, endpoints=endpoints,
                           cluster_id=str(payload.get("cluster_id") or ""),
@@ -484,3 +487,13 @@ class RouteWatcher:
 # Strong references to fire-and-forget tasks (the loop keeps only weak ones).
 _background: set[asyncio.Task[Any]] = set()
 
+
+
+def parse_routing(models: list[dict[str, Any]]) -> dict[str, str]:
+    """Model -> routing mode. A mode this gateway does not know (a newer controller) is
+    served as "p2c", which balances correctly, only without cache affinity."""
+    out: dict[str, str] = {}
+    for m in models:
+        mode = m.get("routing")
+        out[str(m["name"])] = mode if mode in ("p2c", "prefix") else "p2c"
+    return out

@@ -54,6 +54,15 @@ class GatewaySettings:
     # requests in flight than the least busy one and at least `affinity_ratio` times as many.
     affinity_slack: int = 4
     affinity_ratio: float = 2.0
+    # Prefix-aware routing (models with routing "prefix", docs/gateway.md): the instance that
+    # holds a prompt's prefix takes it while its in-flight count is at most this factor (at
+    # least 1) of the least loaded one's, plus `prefix_load_slack` requests (0 suits runners
+    # that serve one request at a time; a few, batching ones); the index of what was sent
+    # where keeps this many blocks (~64 tokens each) per model, each believed for this long.
+    prefix_load_bound: float = 1.25
+    prefix_load_slack: int = 0
+    prefix_index_blocks: int = 32768
+    prefix_ttl_s: float = 600.0
     # Long-poll wait per routes request; failures of a controller are seen within it.
     poll_wait_s: float = 10.0
     # Worker processes sharing the port (SO_REUSEPORT). See docs/gateway.md for what splits.
@@ -85,6 +94,10 @@ class GatewaySettings:
             raise ValueError("max_attempts, processes and eject_after must be at least 1")
         if self.log_format and self.log_format.lower() not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.prefix_load_bound < 1 or self.prefix_load_slack < 0 or self.prefix_index_blocks < 1 \
+                or self.prefix_ttl_s <= 0:
+            raise ValueError("prefix_load_bound must be at least 1, prefix_load_slack at least 0, "
+                             "prefix_index_blocks and prefix_ttl_s positive")
         if min(self.client_header_timeout_s, self.client_body_timeout_s, self.send_timeout_s) <= 0:
             raise ValueError("client_header_timeout_s, client_body_timeout_s and send_timeout_s must be positive")
 

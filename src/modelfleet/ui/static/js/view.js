@@ -72,6 +72,8 @@ export function buildView(state) {
       queued: gw?.queued ?? null,
       slots: gw?.slots ?? null,
       mean_latency_s: gw?.mean_latency_s ?? null,
+      routing: gw?.routing ?? null,
+      prefix_blocks: gw?.prefix_blocks ?? 0,
       recent: gw?.recent ?? [],
       routed: Boolean(gw),
     };

@@ -168,7 +168,9 @@ function modelPanel(m, manage, app) {
     h("p", { class: "muted" },
       m.routed
         ? `Gateway: ${m.in_flight} in flight of ${m.slots} slots, ${m.queued} queued` +
-          (m.mean_latency_s ? `, mean latency ${seconds(m.mean_latency_s)}` : "") + "."
+          (m.mean_latency_s ? `, mean latency ${seconds(m.mean_latency_s)}` : "") +
+          (m.routing === "prefix" ? `; prefix-aware routing, ${m.prefix_blocks} prompt blocks indexed` :
+            m.routing ? `; routing ${m.routing}` : "") + "."
         : "Not in the gateway's route table (no ready instance)." ,
       dep ? ` Deployment: max ${dep.max_concurrency} concurrent per instance, weight ${dep.weight}, placement ${dep.placement.policy}.` : ""),
     m.instances.length ? instancesTable(m, manage, app) : h("p", { class: "empty" }, "No instance."));
