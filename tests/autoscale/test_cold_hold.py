@@ -13,8 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import free_port
-from tests.gateway.conftest import Cluster
+from tests.gateway.conftest import Cluster, admin_h
 from tests.support.procs import wait_for
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -109,24 +108,27 @@ def test_request_during_a_model_restart_is_held(cluster: Cluster) -> None:
 
 
 def test_request_before_the_gateways_first_route_table_is_held(cluster: Cluster) -> None:
-    # The gateway starts with no snapshot and its controller not up yet.
-    port = free_port()
-    ctl = f"http://127.0.0.1:{port}"
-    cluster.controllers.append((None, ctl))  # type: ignore[arg-type]
+    # The store knows model m (a ready instance); then the controller goes away, and a gateway
+    # starts with no snapshot: it has no route table at all.
+    ctl = cluster.controller()
+    url = cluster.upstream("a")
+    cluster.start_worker().declare("w1/a", "m", url)
+    wait_for(lambda: any(m["name"] == "m" and m["ready"] == 1 for m in
+                         httpx.get(f"{ctl}/v1/cluster/models", headers=admin_h(), timeout=5).json()["data"]),
+             15, what="m ready in the store")
+    cluster.kill_controller(0)
     gw = cluster.gateway("--snapshot-path", "", wait_ready=False)
     assert cluster.gateway_proc is not None
     cluster.gateway_proc.wait_ready(30, url=f"{gw}/health/live")
     assert httpx.get(f"{gw}/health/ready", timeout=5).status_code == 503
     out: dict[str, Any] = {}
     t = post_in_thread(gw, out)
-    time.sleep(1.0)  # the request is in (no route table yet): nothing may answer it
+    time.sleep(1.5)  # the request is in, and there is no route table: nothing may answer it yet
     assert "status" not in out, out
-    cluster.controllers.clear()
-    cluster.controller(port)
-    url = cluster.upstream("a")
-    cluster.start_worker().declare("w1/a", "m", url)
+    cluster.restart_controller(0)
     t.join(60)
     assert out.get("status") == 200, (out, cluster.log_tail())
+    assert out["elapsed"] >= 1.5
     # An unknown model is still a 404 once the table is there.
     r = httpx.post(f"{gw}/v1/chat/completions", json={**BODY, "model": "nope"}, timeout=10)
     assert r.status_code == 404

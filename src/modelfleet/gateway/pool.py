@@ -226,8 +226,9 @@ class Pool:
             now_m = self.models.get(m.name, m)
             if cold and now_m.routable == 0:
                 w.fut.set_exception(NoInstance(
-                    f"no instance of model {m.name} became ready within {wait:g} s (it is starting, or "
-                    "cannot be placed: see `modelfleet models`)", admission.cold_retry_after_s(wait)))
+                    f"no instance of model {m.name} became ready within {self.s.cold_start_wait_s:g} s (it is "
+                    "starting, or cannot be placed: see `modelfleet models`)",
+                    admission.cold_retry_after_s(self.s.cold_start_wait_s)))
             else:
                 w.fut.set_exception(Overloaded(self.retry_after(m), f"model {m.name} is overloaded: no "
                                                                     f"instance freed up within {wait:g} s"))
