@@ -84,10 +84,11 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("instances", "latency_ewma", "name", "waiters")
+    __slots__ = ("hold", "instances", "latency_ewma", "name", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.hold = True  # with no ready instance, requests wait for one (see RouteTable.no_hold)
         self.instances: list[Inst] = []
         self.waiters: deque[Waiter] = deque()
         self.latency_ewma = 0.0  # seconds, completed requests
@@ -149,6 +150,7 @@ class Pool:
                 insts.append(inst)
                 instances[r.id] = inst
             m.instances = insts
+            m.hold = name not in table.no_hold
             models[name] = m
         for iid, inst in self.instances.items():
             if iid not in instances and inst.aborts:
@@ -199,7 +201,7 @@ class Pool:
             return d  # type: ignore[return-value]
         if d is balancer.NO_INSTANCE:
             cold = self.s.cold_start_wait_s if cold_wait_s is None else min(cold_wait_s, self.s.cold_start_wait_s)
-            if not admission.hold_for_cold_start(m.routable, len(exclude), cold):
+            if not m.hold or not admission.hold_for_cold_start(m.routable, len(exclude), cold):
                 raise NoInstance(f"no healthy instance of model {m.name}")
             if not admission.queue_has_room(len(m.waiters), self.s.queue_len):
                 raise NoInstance(f"model {m.name} has no ready instance and {len(m.waiters)} requests are "
@@ -268,7 +270,7 @@ class Pool:
                 if not w.exclude:
                     break  # nobody behind it can find room either
                 continue
-            if d is balancer.NO_INSTANCE and w.cold and m.routable == 0:
+            if d is balancer.NO_INSTANCE and w.cold and m.routable == 0 and m.hold:
                 continue  # still no instance up: keep holding it until one is, or its bound
             m.waiters.remove(w)
             if d is balancer.NO_INSTANCE:
