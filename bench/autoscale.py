@@ -54,13 +54,18 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.env = {**os.environ, "MODELFLEET_HOME": str(tmp / "home"), "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
-                    "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "MODELFLEET_HOME": str(tmp / "home"),
+            "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def start(self, name: str, args: list[str], ready: str) -> None:
         log = open(self.tmp / f"{name}.log", "ab")
-        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -156,29 +161,109 @@ def main() -> None:
     args = ap.parse_args()
     # (phase, seconds, clients per model)
     slots, peak, k = args.slots, args.peak, args.scale
-    trace = [("idle", 6 * k, 0), ("burst", 20 * k, peak * slots), ("plateau", 12 * k, peak * slots // 2),
-             ("idle", 14 * k, 0)]
+    trace = [
+        ("idle", 6 * k, 0),
+        ("burst", 20 * k, peak * slots),
+        ("plateau", 12 * k, peak * slots // 2),
+        ("idle", 14 * k, 0),
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
     c = Cluster(tmp)
     cport, wport, gport, uport = free_port(), free_port(), free_port(), free_port()
     ctl, gw, up = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{uport}"
     try:
-        c.start("upstream", [PY, "-m", "tests.fakes.scripted_upstream", "--port", str(uport),
-                             "--latency", str(args.latency)], f"{up}/health")
-        c.start("controller", [PY, "-m", "modelfleet.cli", "controller", "--store", f"sqlite:///{tmp / 'state.db'}",
-                               "--host", "127.0.0.1", "--port", str(cport), "--admin-token", ADMIN, "--join-token",
-                               JOIN, "--heartbeat-interval", "0.5", "--lease-ttl", "3", "--load-report-ttl", "3"],
-                f"{ctl}/health/ready")
-        c.start("worker", [PY, "-m", "modelfleet.cli", "worker", "--controller", ctl, "--join-token", JOIN,
-                           "--name", "w1", "--host", "127.0.0.1", "--address", "127.0.0.1", "--port", str(wport),
-                           "--heartbeat-interval", "0.5"], f"http://127.0.0.1:{wport}/health/live")
-        c.start("gateway", [PY, "-m", "modelfleet.gateway", "--controller", ctl, "--port", str(gport), "--host",
-                            "127.0.0.1", "--admin-token", ADMIN, "--snapshot-path", "", "--poll-wait-s", "5",
-                            "--queue-wait-s", "30", "--queue-len", "1000", "--log-level", "warning"],
-                f"{gw}/health/live")
+        c.start(
+            "upstream",
+            [PY, "-m", "tests.fakes.scripted_upstream", "--port", str(uport), "--latency", str(args.latency)],
+            f"{up}/health",
+        )
+        c.start(
+            "controller",
+            [
+                PY,
+                "-m",
+                "modelfleet.cli",
+                "controller",
+                "--store",
+                f"sqlite:///{tmp / 'state.db'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(cport),
+                "--admin-token",
+                ADMIN,
+                "--join-token",
+                JOIN,
+                "--heartbeat-interval",
+                "0.5",
+                "--lease-ttl",
+                "3",
+                "--load-report-ttl",
+                "3",
+            ],
+            f"{ctl}/health/ready",
+        )
+        c.start(
+            "worker",
+            [
+                PY,
+                "-m",
+                "modelfleet.cli",
+                "worker",
+                "--controller",
+                ctl,
+                "--join-token",
+                JOIN,
+                "--name",
+                "w1",
+                "--host",
+                "127.0.0.1",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                str(wport),
+                "--heartbeat-interval",
+                "0.5",
+            ],
+            f"http://127.0.0.1:{wport}/health/live",
+        )
+        c.start(
+            "gateway",
+            [
+                PY,
+                "-m",
+                "modelfleet.gateway",
+                "--controller",
+                ctl,
+                "--port",
+                str(gport),
+                "--host",
+                "127.0.0.1",
+                "--admin-token",
+                ADMIN,
+                "--snapshot-path",
+                "",
+                "--poll-wait-s",
+                "5",
+                "--queue-wait-s",
+                "30",
+                "--queue-len",
+                "1000",
+                "--log-level",
+                "warning",
+            ],
+            f"{gw}/health/live",
+        )
         base = {"backend": "openai", "source": up, "max_concurrency": slots}
-        policy = {"min_replicas": 1, "max_replicas": peak, "target_ongoing": slots, "window_s": 3, "up_delay_s": 1,
-                  "down_delay_s": 5, "max_step": 4}
+        policy = {
+            "min_replicas": 1,
+            "max_replicas": peak,
+            "target_ongoing": slots,
+            "window_s": 3,
+            "up_delay_s": 1,
+            "down_delay_s": 5,
+            "max_step": 4,
+        }
         for body in ({**base, "name": "fixed", "replicas": peak}, {**base, "name": "auto", "autoscale": policy}):
             r = httpx.post(f"{ctl}/v1/cluster/deployments", json=body, headers=H, timeout=10)
             assert r.status_code == 201, r.text
@@ -243,33 +328,52 @@ def main() -> None:
     for name, cl in clients.items():
         st = cl.statuses
         errors = sum(v for s, v in st.items() if s not in (200, 429, 503))
-        rows.append({
-            "deployment": name, "served": st[200], "429": st[429], "503": st[503], "errors": errors,
-            "p50_s": round(pct(cl.latencies, 0.5) or 0, 3), "p99_s": round(pct(cl.latencies, 0.99) or 0, 3),
-            "mean_s": round(statistics.fmean(cl.latencies), 3) if cl.latencies else None,
-            "replica_seconds": round(replica_s[name], 1),
-        })
+        rows.append(
+            {
+                "deployment": name,
+                "served": st[200],
+                "429": st[429],
+                "503": st[503],
+                "errors": errors,
+                "p50_s": round(pct(cl.latencies, 0.5) or 0, 3),
+                "p99_s": round(pct(cl.latencies, 0.99) or 0, 3),
+                "mean_s": round(statistics.fmean(cl.latencies), 3) if cl.latencies else None,
+                "replica_seconds": round(replica_s[name], 1),
+            }
+        )
     saving = 1 - rows[1]["replica_seconds"] / rows[0]["replica_seconds"]
     result = {
-        "bench": "autoscale", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bench": "autoscale",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "upstream": "scripted (tests/fakes/scripted_upstream.py)", "latency_s": args.latency, "slots": slots,
+        "upstream": "scripted (tests/fakes/scripted_upstream.py)",
+        "latency_s": args.latency,
+        "slots": slots,
         "trace": [{"phase": p, "seconds": s, "clients": n} for p, s, n in trace],
-        "rows": rows, "replica_seconds_saved": round(saving, 3),
+        "rows": rows,
+        "replica_seconds_saved": round(saving, 3),
         "burst_to_added_capacity_s": None if added_at is None else round(added_at, 2),
         "first_token_from_zero_s": None if first_from_zero is None else round(first_from_zero, 3),
         "first_token_from_zero_status": zero_status,
-        "first_token_warm_s": round(warm, 3), "timeline_auto": timeline,
+        "first_token_warm_s": round(warm, 3),
+        "timeline_auto": timeline,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
-    head = f"{'deployment':<10} {'served':>7} {'429':>5} {'503':>5} {'errors':>6} {'p50 s':>7} {'p99 s':>7} {'replica-s':>10}"
-    print(head)
+    print(
+        f"{'deployment':<10} {'served':>7} {'429':>5} {'503':>5} {'errors':>6} {'p50 s':>7} {'p99 s':>7} "
+        f"{'replica-s':>10}"
+    )
     for r in rows:
-        print(f"{r['deployment']:<10} {r['served']:>7} {r['429']:>5} {r['503']:>5} {r['errors']:>6} "
-              f"{r['p50_s']:>7} {r['p99_s']:>7} {r['replica_seconds']:>10}")
-    print(f"replica-seconds saved by autoscaling: {saving:.0%}; burst to added capacity: {result['burst_to_added_capacity_s']} s; "
-          f"first token from zero: {result['first_token_from_zero_s']} s (HTTP {zero_status}), warm: {result['first_token_warm_s']} s")
+        print(
+            f"{r['deployment']:<10} {r['served']:>7} {r['429']:>5} {r['503']:>5} {r['errors']:>6} "
+            f"{r['p50_s']:>7} {r['p99_s']:>7} {r['replica_seconds']:>10}"
+        )
+    print(
+        f"replica-seconds saved by autoscaling: {saving:.0%}; burst to added capacity: "
+        f"{result['burst_to_added_capacity_s']} s; first token from zero: {result['first_token_from_zero_s']} s "
+        f"(HTTP {zero_status}), warm: {result['first_token_warm_s']} s"
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -309,7 +309,8 @@ def gateway(
             host=host, port=port,
             snapshot_path=snapshot_path, max_body_bytes=max_body_bytes, max_attempts=max_attempts,
             retry_budget_s=retry_budget, eject_after=eject_after, eject_cooldown_s=eject_cooldown,
-            queue_len=queue_len, queue_wait_s=queue_wait, cold_start_wait_s=cold_start_wait, processes=processes, log_level=log_level.lower(),
+            queue_len=queue_len, queue_wait_s=queue_wait, cold_start_wait_s=cold_start_wait, processes=processes,
+            log_level=log_level.lower(),
             connect_timeout_s=connect_timeout, header_timeout_s=header_timeout, read_timeout_s=read_timeout,
             send_timeout_s=send_timeout, client_header_timeout_s=client_header_timeout,
             client_body_timeout_s=client_body_timeout,
@@ -588,8 +589,8 @@ def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_CONTROLLER, a
         return
     print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "autoscale",
                            "last decision", "deployed", "error"],
-                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"], autoscale_text(m.get("autoscale")),
-                  decision_text(m.get("last_decision")), m["deployed"],
+                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"],
+                  autoscale_text(m.get("autoscale")), decision_text(m.get("last_decision")), m["deployed"],
                   (m.get("error") or "")[:120] or None] for m in data])
 
 

@@ -42,11 +42,24 @@ class Rig:
     gateway: str = ""
     gateway_proc: Proc | None = None
     worker_proc: Proc | None = None
+    controller_proc: Proc | None = None
 
     def deploy(self, **policy: Any) -> None:
-        body = {"name": "m", "backend": "openai", "source": self.upstream, "max_concurrency": 2, "replicas": 1,
-                "autoscale": {"target_ongoing": 2, "window_s": 2, "up_delay_s": 1, "down_delay_s": 3, "max_step": 4,
-                              **policy}}
+        body = {
+            "name": "m",
+            "backend": "openai",
+            "source": self.upstream,
+            "max_concurrency": 2,
+            "replicas": 1,
+            "autoscale": {
+                "target_ongoing": 2,
+                "window_s": 2,
+                "up_delay_s": 1,
+                "down_delay_s": 3,
+                "max_step": 4,
+                **policy,
+            },
+        }
         r = httpx.post(f"{self.controller}/v1/cluster/deployments", json=body, headers=H, timeout=10)
         assert r.status_code == 201, r.text
 
@@ -64,11 +77,34 @@ class Rig:
     def start_gateway(self, *extra: str) -> tuple[Proc, str]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        p = self.procs.start(f"gw-{port}", [
-            PY, "-m", "modelfleet.gateway", "--controller", self.controller, "--port", str(port), "--host", "127.0.0.1",
-            "--admin-token", ADMIN, "--snapshot-path", "", "--poll-wait-s", "5", "--queue-wait-s", "30",
-            "--cold-start-wait-s", "60", "--gateway-id", f"gw-{port}", *extra,
-        ], ready_url=f"{url}/health/live")
+        p = self.procs.start(
+            f"gw-{port}",
+            [
+                PY,
+                "-m",
+                "modelfleet.gateway",
+                "--controller",
+                self.controller,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--admin-token",
+                ADMIN,
+                "--snapshot-path",
+                "",
+                "--poll-wait-s",
+                "5",
+                "--queue-wait-s",
+                "30",
+                "--cold-start-wait-s",
+                "60",
+                "--gateway-id",
+                f"gw-{port}",
+                *extra,
+            ],
+            ready_url=f"{url}/health/live",
+        )
         p.wait_ready(30)
         return p, url
 
@@ -77,18 +113,45 @@ class Rig:
 def rig(procs: Procs, tmp_path: Path) -> Iterator[Rig]:
     r = Rig(procs, tmp_path)
     port = free_port()
-    procs.controller("ctl", port, f"sqlite:///{tmp_path / 'state.db'}", "--admin-token", ADMIN, "--join-token", JOIN,
-                     "--heartbeat-interval", "0.5", "--drain-timeout", "20", "--load-report-ttl", str(REPORT_TTL),
-                     "--lease-ttl", "3")
+    r.controller_proc = procs.controller(
+        "ctl",
+        port,
+        f"sqlite:///{tmp_path / 'state.db'}",
+        "--admin-token",
+        ADMIN,
+        "--join-token",
+        JOIN,
+        "--heartbeat-interval",
+        "0.5",
+        "--drain-timeout",
+        "20",
+        "--load-report-ttl",
+        str(REPORT_TTL),
+        "--lease-ttl",
+        "3",
+    )
     r.controller = f"http://127.0.0.1:{port}"
     up = free_port()
-    procs.start("upstream", [PY, "-m", "tests.fakes.scripted_upstream", "--port", str(up), "--latency", "0.5"],
-                env={"PYTHONPATH": str(ROOT)}, ready_url=f"http://127.0.0.1:{up}/health").wait_ready(30)
+    procs.start(
+        "upstream",
+        [PY, "-m", "tests.fakes.scripted_upstream", "--port", str(up), "--latency", "0.5"],
+        env={"PYTHONPATH": str(ROOT)},
+        ready_url=f"http://127.0.0.1:{up}/health",
+    ).wait_ready(30)
     r.upstream = f"http://127.0.0.1:{up}"
     wport = free_port()
-    r.worker_proc = procs.worker("w1", wport, r.controller, "--join-token", JOIN, "--heartbeat-interval", "0.5",
-                                 "--runner-port-start", str(free_port()),
-                                 env={"MODELFLEET_HOME": str(tmp_path / "home")})
+    r.worker_proc = procs.worker(
+        "w1",
+        wport,
+        r.controller,
+        "--join-token",
+        JOIN,
+        "--heartbeat-interval",
+        "0.5",
+        "--runner-port-start",
+        str(free_port()),
+        env={"MODELFLEET_HOME": str(tmp_path / "home")},
+    )
     r.worker_proc.wait_ready(60)
     r.gateway_proc, r.gateway = r.start_gateway()
     yield r
@@ -143,13 +206,21 @@ def test_burst_scales_up_then_down_after_the_lull_with_no_failed_request(rig: Ri
     assert "up 1 -> 4" in m["last_decision"]["reason"], m
     # Window 2 s, up delay 1 s, one decision a second: well under 10 s on a loaded machine.
     assert decided < 10, decided
-    # The lull, under load: 1 client keeps requests in flight while 3 replicas are drained.
+    # The lull, under load: 2 clients keep requests in flight while 3 replicas are drained.
     statuses = burst.end()
-    trickle = Load(rig.gateway, 1).start()
+    trickle = Load(rig.gateway, 2).start()
     wait_for(lambda: rig.model()["replicas"] == 1, 40, what="scaled back to 1")
     wait_for(lambda: rig.model()["instances"] == 1, 40, what="the drained replicas stopped")
     assert "down" in rig.model()["last_decision"]["reason"]
     statuses += trickle.end()
+    # Each drained replica was stopped because every gateway reported it idle, not by the
+    # drain timeout (20 s here), and never before the drain.
+    assert rig.controller_proc is not None
+    log = rig.controller_proc.log_path.read_text()
+    drained = [line for line in log.splitlines() if " draining (no new requests" in line]
+    removed = [line for line in log.splitlines() if " removed: drained" in line]
+    assert len(drained) == 3 and len(removed) == 3, log[-3000:]
+    assert all("idle at every gateway" in line for line in removed), removed
     assert set(statuses) == {200}, statuses
     assert statuses[200] > 20
     print(f"burst: desired 4 after {decided:.1f} s, routable after {ready_after:.1f} s; {dict(statuses)}")

@@ -113,9 +113,14 @@ def test_request_before_the_gateways_first_route_table_is_held(cluster: Cluster)
     ctl = cluster.controller()
     url = cluster.upstream("a")
     cluster.start_worker().declare("w1/a", "m", url)
-    wait_for(lambda: any(m["name"] == "m" and m["ready"] == 1 for m in
-                         httpx.get(f"{ctl}/v1/cluster/models", headers=admin_h(), timeout=5).json()["data"]),
-             15, what="m ready in the store")
+    wait_for(
+        lambda: any(
+            m["name"] == "m" and m["ready"] == 1
+            for m in httpx.get(f"{ctl}/v1/cluster/models", headers=admin_h(), timeout=5).json()["data"]
+        ),
+        15,
+        what="m ready in the store",
+    )
     cluster.kill_controller(0)
     gw = cluster.gateway("--snapshot-path", "", wait_ready=False)
     assert cluster.gateway_proc is not None

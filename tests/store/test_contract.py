@@ -21,11 +21,11 @@ from modelfleet.models import (
     AutoscaleStatus,
     Deployment,
     InstanceLoad,
-    LoadReport,
-    ModelLoad,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    LoadReport,
+    ModelLoad,
     Placement,
     Resources,
     WorkerInfo,
@@ -775,6 +775,6 @@ async def test_load_reports_are_upserted_and_expire_by_the_stores_clock(two_stor
     assert got[0].models["m"].in_flight == 1 and got[0].expires_in > 25
     # A gateway that stops reporting stops counting once its TTL has passed.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(await b.list_load_reports()) > 1:
+    while time.monotonic() < deadline and len(await b.list_load_reports()) > 1:  # noqa: ASYNC110 (polls the store)
         await asyncio.sleep(0.1)
     assert [r.source for r in await b.list_load_reports()] == ["gw-1:8000#0"]

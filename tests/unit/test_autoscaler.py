@@ -8,12 +8,21 @@ from pydantic import ValidationError
 from modelfleet.controller.autoscaler import Decision, ScaleState, advice, decide, model_loads
 from modelfleet.models import AutoscalePolicy, InstanceLoad, LoadReport, ModelLoad
 
-POLICY = AutoscalePolicy(min_replicas=1, max_replicas=8, target_ongoing=4, up_delay_s=2, down_delay_s=10,
-                         window_s=3, max_step=4, idle_after_s=60)
+POLICY = AutoscalePolicy(
+    min_replicas=1,
+    max_replicas=8,
+    target_ongoing=4,
+    up_delay_s=2,
+    down_delay_s=10,
+    window_s=3,
+    max_step=4,
+    idle_after_s=60,
+)
 
 
-def run(policy: AutoscalePolicy, trace: list[tuple[float, float | None]], start: int = 1,
-        dt: float = 1.0) -> list[tuple[float, int, str]]:
+def run(
+    policy: AutoscalePolicy, trace: list[tuple[float, float | None]], start: int = 1, dt: float = 1.0
+) -> list[tuple[float, int, str]]:
     """Feed (duration, load) segments, one decision per ``dt``; the desired count is applied
     at once (as the store write would be). Returns (time, desired, reason) for each change."""
     state, current, now = ScaleState(), start, 0.0
@@ -111,15 +120,18 @@ def test_model_loads_sum_every_gateway() -> None:
     assert model_loads(reports) == {"m": 9.0, "e": 1.0}
 
 
-@pytest.mark.parametrize("bad", [
-    {"min_replicas": 5, "max_replicas": 2},
-    {"target_ongoing": 0},
-    {"max_replicas": 0},
-    {"min_replicas": -1},
-    {"idle_after_s": 0},
-    {"max_step": 0},
-    {"surprise": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_replicas": 5, "max_replicas": 2},
+        {"target_ongoing": 0},
+        {"max_replicas": 0},
+        {"min_replicas": -1},
+        {"idle_after_s": 0},
+        {"max_step": 0},
+        {"surprise": 1},
+    ],
+)
 def test_policy_is_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         AutoscalePolicy(**bad)  # type: ignore[arg-type]

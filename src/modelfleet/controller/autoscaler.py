@@ -36,10 +36,10 @@ from modelfleet.store import Store, StoreError
 
 log = logging.getLogger("modelfleet.controller")
 
-DESIRED = Gauge("modelfleet_model_desired_replicas", "Replicas the deployment asks for (autoscaled or fixed)",
-                ["model"])
-LOAD = Gauge("modelfleet_model_load", "Requests in flight plus queued, summed over every gateway's report",
-             ["model"])
+DESIRED = Gauge(
+    "modelfleet_model_desired_replicas", "Replicas the deployment asks for (autoscaled or fixed)", ["model"]
+)
+LOAD = Gauge("modelfleet_model_load", "Requests in flight plus queued, summed over every gateway's report", ["model"])
 SMOOTHED = Gauge("modelfleet_model_load_smoothed", "The autoscaler's load over its window", ["model"])
 REPORTS = Gauge("modelfleet_load_reports", "Unexpired gateway load reports the autoscaler read")
 
@@ -77,8 +77,7 @@ def advice(policy: AutoscalePolicy, smoothed: float) -> int:
     return max(max(policy.min_replicas, 1), min(policy.max_replicas, want))
 
 
-def decide(policy: AutoscalePolicy, state: ScaleState, current: int, load: float | None,
-           now: float) -> Decision:
+def decide(policy: AutoscalePolicy, state: ScaleState, current: int, load: float | None, now: float) -> Decision:
     """The desired replicas now; mutates ``state`` (samples, timers)."""
     if state.started is None:
         state.started = now
@@ -99,8 +98,11 @@ def decide(policy: AutoscalePolicy, state: ScaleState, current: int, load: float
     if current == 0:
         if load > 0:
             state.up_since = state.down_since = None
-            return Decision(min(hi, max(1, advice(policy, smooth))),
-                            f"{load:g} request(s) waiting for a model at zero replicas", smooth)
+            return Decision(
+                min(hi, max(1, advice(policy, smooth))),
+                f"{load:g} request(s) waiting for a model at zero replicas",
+                smooth,
+            )
         return Decision(0, "idle at zero replicas", smooth)
 
     # Zero: nothing at all for idle_after_s (counted from this controller's first decision
@@ -108,8 +110,7 @@ def decide(policy: AutoscalePolicy, state: ScaleState, current: int, load: float
     idle_since = state.last_active if state.last_active is not None else state.started
     if lo == 0 and load == 0 and smooth == 0 and now - idle_since >= policy.idle_after_s:
         state.up_since = state.down_since = None
-        return Decision(0, f"no request for {now - idle_since:.0f} s (idle_after {policy.idle_after_s:g} s)",
-                        smooth)
+        return Decision(0, f"no request for {now - idle_since:.0f} s (idle_after {policy.idle_after_s:g} s)", smooth)
 
     want = advice(policy, smooth)
     per = f"load {smooth:.2f} over {policy.window_s:g} s, target {policy.target_ongoing:g} per replica"
@@ -142,8 +143,9 @@ def autoscaled_start(spec: DeploymentSpec) -> DeploymentSpec:
     if spec.autoscale is None:
         return spec.model_copy(update={"autoscale_status": None})
     p = spec.autoscale
-    return spec.model_copy(update={"replicas": min(p.max_replicas, max(p.min_replicas, spec.replicas)),
-                                   "autoscale_status": None})
+    return spec.model_copy(
+        update={"replicas": min(p.max_replicas, max(p.min_replicas, spec.replicas)), "autoscale_status": None}
+    )
 
 
 def model_loads(reports: list[LoadReport]) -> dict[str, float]:
@@ -202,8 +204,9 @@ class Autoscaler:
         # Written when the count changes (and once at first): `modelfleet models` shows the
         # last decision and its reason; a write per second to say "steady" would be noise.
         if changed or prev is None:
-            status = AutoscaleStatus(desired=dec.desired, load=round(dec.smoothed, 3), reason=dec.reason,
-                                     at=time.time())
+            status = AutoscaleStatus(
+                desired=dec.desired, load=round(dec.smoothed, 3), reason=dec.reason, at=time.time()
+            )
             if await self.store.set_deployment_scale(d.name, dec.desired, status):
                 if changed:
                     log.info("autoscaler: %s %d -> %d replicas: %s", d.name, d.replicas, dec.desired, dec.reason)

@@ -28,14 +28,16 @@ INTERVAL_S = 1.0
 def load_payload(pool: Pool, source: str, revision: int) -> dict[str, Any]:
     """The report of one gateway process (pure: reads the pool, changes nothing)."""
     models = {name: {"in_flight": m.in_flight, "queued": len(m.waiters)} for name, m in pool.models.items()}
-    instances = {i.id: {"in_flight": i.in_flight, "enabled": i.enabled and i.weight > 0}
-                 for i in pool.instances.values()}
+    instances = {
+        i.id: {"in_flight": i.in_flight, "enabled": i.enabled and i.weight > 0} for i in pool.instances.values()
+    }
     return {"source": source, "revision": revision, "models": models, "instances": instances}
 
 
 class LoadReporter:
-    def __init__(self, pool: Pool, watcher: RouteWatcher, source: str, revision: Any,
-                 interval_s: float = INTERVAL_S) -> None:
+    def __init__(
+        self, pool: Pool, watcher: RouteWatcher, source: str, revision: Any, interval_s: float = INTERVAL_S
+    ) -> None:
         self.pool, self.watcher, self.source = pool, watcher, source
         self.revision = revision  # callable: the revision served now
         self.interval_s = interval_s
@@ -63,8 +65,9 @@ class LoadReporter:
         while True:
             try:
                 body = orjson.dumps(load_payload(self.pool, self.source, self.revision()))
-                status, data, _ = await self.watcher.request("POST", "/v1/cluster/load", headers=headers,
-                                                             data=body, timeout_s=5.0)
+                status, data, _ = await self.watcher.request(
+                    "POST", "/v1/cluster/load", headers=headers, data=body, timeout_s=5.0
+                )
                 ok = status < 300
                 if not ok and not self.failing:
                     log.warning("load report refused by the controller: HTTP %d %s", status, data[:200])
