@@ -135,3 +135,13 @@ def test_model_loads_sum_every_gateway() -> None:
 def test_policy_is_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         AutoscalePolicy(**bad)  # type: ignore[arg-type]
+
+
+def test_a_replica_still_loading_is_not_idle_time() -> None:
+    policy = POLICY.model_copy(update={"min_replicas": 0, "idle_after_s": 4})
+    state = ScaleState()
+    # Deployed at t=0, the model loads for 10 s: no request could have come; no zero yet.
+    for t in range(11):
+        assert decide(policy, state, 1, 0, float(t), ready=0).desired == 1
+    assert decide(policy, state, 1, 0, 13.0, ready=1).desired == 1
+    assert decide(policy, state, 1, 0, 14.0, ready=1).desired == 0

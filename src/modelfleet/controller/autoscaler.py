@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
-from modelfleet.models import AutoscalePolicy, AutoscaleStatus, Deployment, DeploymentSpec, LoadReport
+from modelfleet.models import (
+    AutoscalePolicy,
+    AutoscaleStatus,
+    Deployment,
+    DeploymentSpec,
+    InstanceState,
+    LoadReport,
+)
 from modelfleet.store import Store, StoreError
 
 log = logging.getLogger("modelfleet.controller")
@@ -77,8 +84,17 @@ def advice(policy: AutoscalePolicy, smoothed: float) -> int:
     return max(max(policy.min_replicas, 1), min(policy.max_replicas, want))
 
 
-def decide(policy: AutoscalePolicy, state: ScaleState, current: int, load: float | None, now: float) -> Decision:
-    """The desired replicas now; mutates ``state`` (samples, timers)."""
+def decide(
+    policy: AutoscalePolicy,
+    state: ScaleState,
+    current: int,
+    load: float | None,
+    now: float,
+    ready: int | None = None,
+) -> Decision:
+    """The desired replicas now; mutates ``state`` (samples, timers). ``ready``: replicas
+    ready now (None: unknown); while replicas are wanted and none is ready yet (the model is
+    loading) the time does not count as idle: nobody could have sent it a request."""
     if state.started is None:
         state.started = now
     if load is None:
@@ -87,7 +103,7 @@ def decide(policy: AutoscalePolicy, state: ScaleState, current: int, load: float
         return Decision(current, "no load report from any gateway: holding", 0.0)
     state.samples.append((now, load))
     smooth = smoothed_load(state.samples, now, policy.window_s)
-    if load > 0:
+    if load > 0 or (current > 0 and ready == 0):
         state.last_active = now
     lo, hi = policy.min_replicas, policy.max_replicas
     if current < lo or current > hi:  # a changed policy: into bounds at once
@@ -178,7 +194,13 @@ class Autoscaler:
             await asyncio.sleep(self.interval)
 
     async def once(self, now: float | None = None) -> dict[str, Decision]:
-        deployments, reports = await asyncio.gather(self.store.list_deployments(), self.store.list_load_reports())
+        deployments, reports, instances = await asyncio.gather(
+            self.store.list_deployments(), self.store.list_load_reports(), self.store.list_instances()
+        )
+        ready: dict[str, int] = {}
+        for i in instances:
+            if i.state == InstanceState.READY and i.enabled:
+                ready[i.model] = ready.get(i.model, 0) + 1
         now = time.monotonic() if now is None else now
         REPORTS.set(len(reports))
         loads = model_loads(reports)
@@ -191,13 +213,13 @@ class Autoscaler:
             if d.autoscale is None:
                 self.states.pop(d.name, None)
                 continue
-            out[d.name] = await self._one(d, loads.get(d.name, 0.0) if reports else None, now)
+            out[d.name] = await self._one(d, loads.get(d.name, 0.0) if reports else None, now, ready.get(d.name, 0))
         return out
 
-    async def _one(self, d: Deployment, load: float | None, now: float) -> Decision:
+    async def _one(self, d: Deployment, load: float | None, now: float, ready: int) -> Decision:
         assert d.autoscale is not None
         state = self.states.setdefault(d.name, ScaleState())
-        dec = decide(d.autoscale, state, d.replicas, load, now)
+        dec = decide(d.autoscale, state, d.replicas, load, now, ready)
         SMOOTHED.labels(d.name).set(dec.smoothed)
         changed = dec.desired != d.replicas
         prev = d.autoscale_status
