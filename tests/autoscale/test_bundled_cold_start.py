@@ -75,6 +75,8 @@ def rig(procs: Procs, tmp_path: Any) -> dict[str, Any]:
         "1",
         "--runner-port-start",
         str(free_port()),
+        "--drain-timeout",
+        "120",
         env=home,
     )
     worker.wait_ready(60)
@@ -147,7 +149,7 @@ def test_worker_sigterm_drains_its_instance_before_stopping_it(rig: dict[str, An
     wait_for(lambda: models(ctl).get("ready") == 1, 180, what="the replica ready")
     body = {
         "model": CHAT,
-        "max_tokens": 400,
+        "max_tokens": 24,
         "temperature": 0,
         "messages": [{"role": "user", "content": "Count from 1 to 300, one number per line."}],
     }

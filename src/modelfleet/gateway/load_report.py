@@ -31,6 +31,9 @@ def load_payload(pool: Pool, source: str, revision: int) -> dict[str, Any]:
     instances = {
         i.id: {"in_flight": i.in_flight, "enabled": i.enabled and i.weight > 0} for i in pool.instances.values()
     }
+    for i in list(pool.retired.values()):  # left the table, requests still on them
+        if i.id not in instances and i.in_flight > 0:
+            instances[i.id] = {"in_flight": i.in_flight, "enabled": False}
     return {"source": source, "revision": revision, "models": models, "instances": instances}
 
 

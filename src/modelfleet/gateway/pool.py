@@ -125,6 +125,8 @@ class Pool:
         # any model is held (see Proxy.handle), not answered 404.
         self.loaded = asyncio.Event()
         self.on_hold: Callable[[], None] = lambda: None  # a request is held for a cold start
+        # Instances that left the route table with requests still in flight on them.
+        self.retired: dict[str, Inst] = {}
 
     # -- route table --------------------------------------------------------------------
     def apply(self, table: RouteTable) -> None:
@@ -153,6 +155,10 @@ class Pool:
             m.hold = name not in table.no_hold
             models[name] = m
         for iid, inst in self.instances.items():
+            if iid not in instances and inst.in_flight > 0:
+                # Gone from the table with requests still on it (streams finish there): the
+                # load report keeps saying so, or a drain would stop it under them.
+                self.retired[iid] = inst
             if iid not in instances and inst.aborts:
                 now = asyncio.get_running_loop().time()
                 for scope in inst.aborts:
@@ -254,6 +260,8 @@ class Pool:
 
     def release(self, inst: Inst) -> None:
         inst.in_flight -= 1
+        if inst.in_flight <= 0 and self.retired.get(inst.id) is inst:
+            del self.retired[inst.id]
         m = inst.model
         if m.waiters:
             self.drain(m)
