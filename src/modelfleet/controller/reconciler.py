@@ -154,6 +154,7 @@ def plan_reconcile(
     drain_timeout: float,
     now: float,
     idle: Collection[str] = (),
+    min_drain: float = 0.0,
 ) -> Plan:
     plan = Plan(held=panic_hold(workers, ttl))
     by_name = {d.name: d for d in deployments}
@@ -182,7 +183,7 @@ def plan_reconcile(
         try:
             budget = _plan_deployment(part, d, mine, needs_by_dep[d.name], caps, ages, grace=grace,
                                       budget=budget, held=plan.held is not None, drained_since=drained_since,
-                                      drain_timeout=drain_timeout, now=now, idle=idle)
+                                      drain_timeout=drain_timeout, now=now, idle=idle, min_drain=min_drain)
         except Exception as exc:  # nothing of this deployment is done this pass; the others go on
             plan.failed[d.name] = failure_reason(exc)
             continue
@@ -200,7 +201,7 @@ def plan_reconcile(
 def _plan_deployment(plan: Plan, d: Deployment, mine: list[Instance], need: Need, caps: dict[str, Capacity],
                      ages: dict[str, float], *, grace: float, budget: int, held: bool,
                      drained_since: dict[str, float], drain_timeout: float, now: float,
-                     idle: Collection[str] = ()) -> int:
+                     idle: Collection[str] = (), min_drain: float = 0.0) -> int:
     """One deployment's part of the plan; returns the move budget left."""
     keep: list[Instance] = []
     for i in mine:
@@ -212,7 +213,7 @@ def _plan_deployment(plan: Plan, d: Deployment, mine: list[Instance], need: Need
             continue
         if draining(i):
             since = drained_since.get(i.id, now)
-            if i.id in idle:
+            if i.id in idle and now - since >= min_drain:
                 plan.delete.append((i.id, "drained: out of rotation and idle at every gateway"))
             elif i.state not in ROUTABLE or i.worker_id is None:
                 plan.delete.append((i.id, "drained: never took requests"))
@@ -278,8 +279,11 @@ class MoveLimiter:
 
 class Reconciler:
     def __init__(self, store: Store, *, ttl: float, grace: float, moves_per_minute: int,
-                 drain_timeout: float = 30.0, interval: float = 1.0) -> None:
+                 drain_timeout: float = 30.0, interval: float = 1.0, min_drain: float = 5.0) -> None:
         self.store = store
+        # A drained replica stays listed (draining) at least this long, even when idle at
+        # once: operators and the console see the drain happen; it costs nothing to wait.
+        self.min_drain = min_drain
         self.ttl, self.grace, self.drain_timeout, self.interval = ttl, max(grace, ttl), drain_timeout, interval
         self.limiter = MoveLimiter(moves_per_minute)
         self.drained_since: dict[str, float] = {}
@@ -315,7 +319,7 @@ class Reconciler:
         plan = plan_reconcile(
             deployments, instances, workers, ttl=self.ttl, grace=self.grace,
             move_budget=self.limiter.budget(now), drained_since=self.drained_since,
-            drain_timeout=self.drain_timeout, now=now, idle=idle,
+            drain_timeout=self.drain_timeout, now=now, idle=idle, min_drain=self.min_drain,
         )
         self._report_hold(plan.held)
         failed = await self.apply(plan, now)
