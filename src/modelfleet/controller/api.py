@@ -740,7 +740,17 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
             raise ApiError(404, f"deployment {name} not found")
         changes = body.model_dump(exclude_none=True)
         if "autoscale" in body.model_fields_set:
-            changes["autoscale"] = body.autoscale.model_dump() if body.autoscale else None
+            policy = body.autoscale
+            if policy is not None and d.autoscale is not None:
+                # A merge: the fields given change, the others keep their values.
+                try:
+                    policy = AutoscalePolicy.model_validate(
+                        {**d.autoscale.model_dump(), **policy.model_dump(exclude_unset=True)})
+                except ValidationError as exc:
+                    raise validation_error([{**e, "loc": ("body", "autoscale", *e["loc"])}
+                                            for e in exc.errors()]) from None
+                body.autoscale = policy
+            changes["autoscale"] = policy.model_dump() if policy else None
             if body.autoscale is None:
                 changes["autoscale_status"] = None
         scaled = "autoscale" in changes and changes["autoscale"] is not None
