@@ -76,3 +76,9 @@ def test_policy_validated_owned_by_the_autoscaler_and_shown(procs: Procs, tmp_pa
     assert out.returncode == 0
     d = httpx.get(f"{deps}/m", headers=H, timeout=10).json()
     assert d["autoscale"] is None and d["replicas"] == 2
+
+    def metric() -> bool:
+        text = httpx.get(f"{ctl}/metrics", headers=H, timeout=10).text
+        return 'modelfleet_model_desired_replicas{model="m"} 2.0' in text and "modelfleet_model_load{" in text
+
+    wait_for(metric, 15, what="desired replicas and load in the metrics")
