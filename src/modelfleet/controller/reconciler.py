@@ -281,9 +281,11 @@ class Reconciler:
     def __init__(self, store: Store, *, ttl: float, grace: float, moves_per_minute: int,
                  drain_timeout: float = 30.0, interval: float = 1.0, min_drain: float = 5.0) -> None:
         self.store = store
-        # A drained replica stays listed (draining) at least this long, even when idle at
-        # once: operators and the console see the drain happen; it costs nothing to wait.
+        # A replica an operator drained stays listed (draining) at least this long, even when
+        # idle at once: the operator and the console see the drain happen. A scale-down's
+        # drains stop as soon as they are idle (replica-seconds are what autoscaling saves).
         self.min_drain = min_drain
+        self.scaled_down: set[str] = set()  # drains this reconciler started (scale-down)
         self.ttl, self.grace, self.drain_timeout, self.interval = ttl, max(grace, ttl), drain_timeout, interval
         self.limiter = MoveLimiter(moves_per_minute)
         self.drained_since: dict[str, float] = {}
@@ -315,11 +317,13 @@ class Reconciler:
         for iid in disabled:
             self.drained_since.setdefault(iid, now)
             self.drained_at_rev.setdefault(iid, revision)
-        idle = {iid for iid in disabled if drained_idle(iid, reports, self.drained_at_rev[iid])}
+        self.scaled_down &= disabled
+        idle = {iid for iid in disabled if drained_idle(iid, reports, self.drained_at_rev[iid])
+                and (iid in self.scaled_down or now - self.drained_since[iid] >= self.min_drain)}
         plan = plan_reconcile(
             deployments, instances, workers, ttl=self.ttl, grace=self.grace,
             move_budget=self.limiter.budget(now), drained_since=self.drained_since,
-            drain_timeout=self.drain_timeout, now=now, idle=idle, min_drain=self.min_drain,
+            drain_timeout=self.drain_timeout, now=now, idle=idle,
         )
         self._report_hold(plan.held)
         failed = await self.apply(plan, now)
@@ -388,6 +392,7 @@ class Reconciler:
         for iid, why in plan.drain:
             async def drain(iid: str = iid, why: str = why) -> None:
                 if await self.store.update_instance(iid, enabled=False):
+                    self.scaled_down.add(iid)
                     RECONCILER_ACTIONS.labels("drain").inc()
                     log.info("instance %s draining (no new requests; stopped once idle): %s", iid, why)
 
