@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -165,6 +166,10 @@ def controller(
         float, typer.Option(envvar="MODELFLEET_RESCHEDULE_GRACE", help="Move replicas of a worker dead this long.")
     ] = 30.0,
     moves_per_minute: Annotated[int, typer.Option(envvar="MODELFLEET_MOVES_PER_MINUTE")] = 10,
+    drain_timeout: Annotated[float, typer.Option(
+        envvar="MODELFLEET_DRAIN_TIMEOUT", help="Stop a draining replica after this long even if not idle.")] = 30.0,
+    load_report_ttl: Annotated[float, typer.Option(
+        envvar="MODELFLEET_LOAD_REPORT_TTL", help="Seconds a gateway's load report counts.")] = 5.0,
     controller_id: Annotated[str, typer.Option(envvar="MODELFLEET_CONTROLLER_ID")] = "",
     catalog: Annotated[
         str | None, typer.Option(envvar="MODELFLEET_CATALOG", help="A catalog YAML file added to the built-in one.")
@@ -197,7 +202,7 @@ def controller(
             missed_heartbeats=missed_heartbeats,
             lease_ttl=lease_ttl, controller_id=controller_id, reschedule_grace=grace,
             moves_per_minute=moves_per_minute, catalog=catalog, source_lookup_timeout=source_lookup_timeout,
-            allow_volatile_store=allow_volatile_store,
+            allow_volatile_store=allow_volatile_store, drain_timeout=drain_timeout, load_report_ttl=load_report_ttl,
         )
     )
 
@@ -229,6 +234,9 @@ def worker(
     ] = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = None,
+    drain_timeout: Annotated[float, typer.Option(
+        envvar="MODELFLEET_DRAIN_TIMEOUT",
+        help="On SIGTERM: wait at most this long for gateways to finish with this worker's instances.")] = 30.0,
 ) -> None:
     """Run a worker agent: registers with a controller, runs model instances on this machine."""
     from pathlib import Path
@@ -244,6 +252,7 @@ def worker(
         address=address, host=host, port=port, heartbeat_interval=heartbeat_interval, models=model or [],
         labels=parse_kv(label, "--label"), runner_port_start=runner_port_start, startup_timeout=startup_timeout,
         models_dir=Path(models_dir).expanduser().absolute() if models_dir else None,
+        drain_timeout=drain_timeout,
     )
     try:
         for m in settings.models:
@@ -270,6 +279,9 @@ def gateway(
     eject_cooldown: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_S")] = 10.0,
     queue_len: Annotated[int, typer.Option(envvar="MODELFLEET_QUEUE_LEN")] = 100,
     queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 10.0,
+    cold_start_wait: Annotated[float, typer.Option(
+        envvar="MODELFLEET_COLD_START_WAIT_S",
+        help="Hold a request for a model with no ready instance (starting, scaled to zero) this long.")] = 120.0,
     processes: Annotated[int, typer.Option(envvar="MODELFLEET_PROCESSES", help="Processes sharing the port.")] = 1,
     connect_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_CONNECT_TIMEOUT_S")] = 2.0,
     header_timeout: Annotated[
@@ -315,7 +327,8 @@ def gateway(
             host=host, port=port,
             snapshot_path=snapshot_path, max_body_bytes=max_body_bytes, max_attempts=max_attempts,
             retry_budget_s=retry_budget, eject_after=eject_after, eject_cooldown_s=eject_cooldown,
-            queue_len=queue_len, queue_wait_s=queue_wait, processes=processes, log_level=log_level.lower(),
+            queue_len=queue_len, queue_wait_s=queue_wait, cold_start_wait_s=cold_start_wait, processes=processes,
+            log_level=log_level.lower(),
             connect_timeout_s=connect_timeout, header_timeout_s=header_timeout, read_timeout_s=read_timeout,
             send_timeout_s=send_timeout, client_header_timeout_s=client_header_timeout,
             client_body_timeout_s=client_body_timeout,
@@ -401,11 +414,21 @@ def deploy(
     routing: Annotated[str, typer.Option(help="How gateways pick a replica: prefix (where the prompt's prefix is "
                                               "cached, within a load bound), p2c (least busy of two), auto "
                                               "(p2c for now: docs/gateway.md).")] = "auto",
+    min_replicas: Annotated[int | None, typer.Option(help="Autoscale: fewest replicas (0: scale to zero).")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscale: most replicas.")] = None,
+    target_ongoing: Annotated[
+        float | None, typer.Option(help="Autoscale: requests in flight + queued per replica to aim for.")] = None,
+    idle_after: Annotated[
+        float | None, typer.Option(help="Autoscale with --min-replicas 0: stop after this many idle seconds.")] = None,
+    up_delay: Annotated[float | None, typer.Option(help="Autoscale: seconds of steady advice before adding.")] = None,
+    down_delay: Annotated[
+        float | None, typer.Option(help="Autoscale: seconds of steady advice before removing.")] = None,
     controller: ControllerOpt = DEFAULT_CONTROLLER, admin_token: AdminTokenOpt = None,
     admin_token_file: AdminTokenFileOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Deploy a model: N replicas placed on workers that fit, kept running by the reconciler. A remote
-    source is downloaded once per worker into its model cache (`modelfleet instances` shows the progress)."""
+    source is downloaded once per worker into its model cache (`modelfleet instances` shows the progress).
+    Any of --min-replicas, --max-replicas, --target-ongoing, --idle-after turns autoscaling on."""
     from modelfleet.sources import SourceError, with_quant
 
     body: dict[str, Any] = {
@@ -415,6 +438,9 @@ def deploy(
         "placement": {"labels": parse_kv(label, "--label"), "gpus": gpus, "gpu_memory": int(gpu_memory * (1 << 30)),
                       "memory": int(memory * (1 << 30)), "policy": policy},
     }
+    policy_body = autoscale_body(min_replicas, max_replicas, target_ongoing, idle_after, up_delay, down_delay)
+    if policy_body is not None:
+        body["autoscale"] = policy_body
     if catalog:
         body["catalog"] = catalog
     if model:
@@ -455,13 +481,44 @@ def attach(
     console.print(f"attached [bold]{name}[/bold] -> {url}")
 
 
+def autoscale_body(min_replicas: int | None, max_replicas: int | None, target_ongoing: float | None,
+                   idle_after: float | None, up_delay: float | None, down_delay: float | None) -> dict[str, Any] | None:
+    """The autoscale policy from CLI flags (None: none given); the controller validates it."""
+    given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing": target_ongoing,
+             "idle_after_s": idle_after, "up_delay_s": up_delay, "down_delay_s": down_delay}
+    body = {k: v for k, v in given.items() if v is not None}
+    return body or None
+
+
 @app.command()
-def scale(name: str, replicas: int, controller: ControllerOpt = DEFAULT_CONTROLLER,
-          admin_token: AdminTokenOpt = None, admin_token_file: AdminTokenFileOpt = None) -> None:
-    """Change the number of replicas of a deployment."""
-    call(client(controller, admin_token, admin_token_file).request, "PATCH", f"/v1/cluster/deployments/{name}",
-         json={"replicas": replicas})
-    console.print(f"scaled [bold]{name}[/bold] to {replicas} replica(s)")
+def scale(
+    name: str,
+    replicas: Annotated[int | None, typer.Argument(help="A fixed count (turns autoscaling off).")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Autoscale, with the policy flags below.")] = False,
+    min_replicas: Annotated[int | None, typer.Option(help="Autoscale: fewest replicas (0: scale to zero).")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscale: most replicas.")] = None,
+    target_ongoing: Annotated[float | None, typer.Option(help="Autoscale: requests per replica to aim for.")] = None,
+    idle_after: Annotated[float | None, typer.Option(help="Autoscale: stop after this many idle seconds.")] = None,
+    up_delay: Annotated[float | None, typer.Option(help="Autoscale: seconds before adding.")] = None,
+    down_delay: Annotated[float | None, typer.Option(help="Autoscale: seconds before removing.")] = None,
+    controller: ControllerOpt = DEFAULT_CONTROLLER,
+    admin_token: AdminTokenOpt = None, admin_token_file: AdminTokenFileOpt = None,
+) -> None:
+    """Change the number of replicas of a deployment (N), or let them follow the load (--auto)."""
+    policy_body = autoscale_body(min_replicas, max_replicas, target_ongoing, idle_after, up_delay, down_delay)
+    if auto == (replicas is not None):
+        fail("give either a replica count or --auto")
+    if not auto and policy_body is not None:
+        fail("the policy flags go with --auto")
+    body: dict[str, Any] = {"autoscale": policy_body or {}} if auto else {"replicas": replicas, "autoscale": None}
+    data = call(client(controller, admin_token, admin_token_file).request, "PATCH",
+                f"/v1/cluster/deployments/{name}", json=body)
+    if auto:
+        p = data.get("autoscale") or {}
+        console.print(f"[bold]{name}[/bold] autoscaled: {p.get('min_replicas')}..{p.get('max_replicas')} replicas, "
+                      f"target {p.get('target_ongoing')} requests each; now {data.get('replicas')}")
+    else:
+        console.print(f"scaled [bold]{name}[/bold] to {replicas} replica(s)")
 
 
 @app.command()
@@ -570,9 +627,25 @@ def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_CONTROLLER, a
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "deployed", "error"],
-                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"], m["deployed"],
+    print_table("models", ["model", "backend", "ready", "instances", "replicas wanted", "autoscale",
+                           "last decision", "deployed", "error"],
+                [[m["name"], m["backend"], m["ready"], m["instances"], m["replicas"],
+                  autoscale_text(m.get("autoscale")), decision_text(m.get("last_decision")), m["deployed"],
                   (m.get("error") or "")[:120] or None] for m in data])
+
+
+def autoscale_text(p: dict[str, Any] | None) -> str | None:
+    if not p:
+        return None
+    zero = f", idle {p['idle_after_s']:g} s" if p.get("min_replicas") == 0 else ""
+    return f"{p['min_replicas']}..{p['max_replicas']} @ {p['target_ongoing']:g}{zero}"
+
+
+def decision_text(d: dict[str, Any] | None) -> str | None:
+    if not d:
+        return None
+    ago = max(0.0, time.time() - float(d.get("at") or 0))
+    return f"{d['desired']} ({ago:.0f} s ago): {d.get('reason', '')}"[:160]
 
 
 def download_text(d: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import enum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # -- the limits the store and ids need (store/migrations/versions/0001_initial.py) ---------------
 ID_MAX_LEN = 128  # instance, worker and key ids: String(128) columns
@@ -65,6 +65,10 @@ def _walk_strings(value: Any) -> None:
     elif isinstance(value, list):
         for v in value:
             _walk_strings(v)
+
+
+def _json_text(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
 def _truncate(limit: int) -> Any:
@@ -221,6 +225,68 @@ class PlacementSpec(Placement):
     cpu: float = Field(default=0, ge=0, le=4096)
 
 
+class AutoscalePolicy(BaseModel):
+    """Replicas follow the load (issue 12; controller/autoscaler.py decides, docs/autoscaling.md).
+
+    Load is requests in flight plus queued at every gateway, summed; desired replicas are
+    load / ``target_ongoing``, averaged over ``window_s``, within [min, max]; a change waits
+    ``up_delay_s`` (up) or ``down_delay_s`` (down) of steady advice and moves at most
+    ``max_step`` replicas at once. With ``min_replicas`` 0 the replicas stop after
+    ``idle_after_s`` with no request at all, and the first request starts one (held by the
+    gateway meanwhile)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
+    max_replicas: int = Field(default=4, ge=1, le=MAX_REPLICAS)
+    target_ongoing: float = Field(default=4.0, gt=0, le=MAX_CONCURRENCY)
+    idle_after_s: float = Field(default=300.0, ge=1, le=7 * 86400)
+    up_delay_s: float = Field(default=2.0, ge=0, le=3600)
+    down_delay_s: float = Field(default=30.0, ge=0, le=86400)
+    window_s: float = Field(default=5.0, ge=1, le=3600)
+    max_step: int = Field(default=4, ge=1, le=MAX_REPLICAS)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalePolicy:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
+class AutoscaleStatus(BaseModel):
+    """The autoscaler's last decision for a deployment, as `modelfleet models` shows it."""
+
+    desired: int = 0
+    load: float = 0.0  # smoothed cluster-wide load the decision saw
+    reason: str = ""
+    at: float = 0.0  # epoch seconds (the deciding controller's clock)
+
+
+class ModelLoad(BaseModel):
+    in_flight: int = Field(default=0, ge=0, le=10_000_000)
+    queued: int = Field(default=0, ge=0, le=10_000_000)
+
+
+class InstanceLoad(BaseModel):
+    in_flight: int = Field(default=0, ge=0, le=10_000_000)
+    enabled: bool = True  # this gateway still sends it new requests
+
+
+class LoadReport(BaseModel):
+    """What one gateway process reports every second (POST /v1/cluster/load). It lives in the
+    store for a time to live: a gateway that dies stops counting when its last report expires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: SafeStr = Field(min_length=1, max_length=255)  # gateway id and process
+    revision: int = -1  # the route table revision this gateway serves
+    models: dict[Annotated[SafeStr, Field(max_length=NAME_MAX_LEN)], ModelLoad] = Field(
+        default_factory=dict, max_length=10_000)
+    instances: dict[Annotated[SafeStr, Field(max_length=ID_MAX_LEN)], InstanceLoad] = Field(
+        default_factory=dict, max_length=100_000)
+    expires_in: float = 0.0  # on read: seconds until it expires, against the store's clock
+
+
 class DeploymentFields(BaseModel):
     """A deployment as the store holds it. Lenient on purpose: a row written before a limit
     existed must still be read (and then reported as failing), never break every listing."""
@@ -238,6 +304,10 @@ class DeploymentFields(BaseModel):
     # choices), "prefix" (where the prompt's prefix is cached, within a load bound; gateway/
     # prefix.py) or "auto" (the default: controller/routes.py model_routing).
     routing: str = "auto"
+    # None: a fixed replica count. Set: `replicas` is the autoscaler's to change.
+    autoscale: AutoscalePolicy | None = None
+    # Written by the autoscaler only. A JSON string is taken too: MariaDB's JSON_SET stores it so.
+    autoscale_status: Annotated[AutoscaleStatus | None, BeforeValidator(_json_text)] = None
 
 
 class DeploymentSpec(DeploymentFields):

@@ -17,10 +17,15 @@ from tests.store.conftest import BACKENDS
 from modelfleet.models import (
     GPU,
     ApiKey,
+    AutoscalePolicy,
+    AutoscaleStatus,
     Deployment,
+    InstanceLoad,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    LoadReport,
+    ModelLoad,
     Placement,
     Resources,
     WorkerInfo,
@@ -726,3 +731,50 @@ async def test_persistence_is_reported(backend: str, store: Store) -> None:
             assert "neither RDB snapshots" in p.detail
     else:
         assert p.kind == "durable"
+
+
+# -- autoscaling: the autoscaler's write and gateways' load reports (issue 12) -------------
+async def test_deployment_scale_is_written_alone_and_kept_by_an_operators_change(store: Store) -> None:
+    policy = AutoscalePolicy(min_replicas=0, max_replicas=5, target_ongoing=2, idle_after_s=60)
+    d = await store.put_deployment(Deployment(name="auto", params={"big": 2**40}, replicas=1, autoscale=policy))
+    rev = await store.get_revision()
+    status = AutoscaleStatus(desired=3, load=5.5, reason="load 5.5 over target 2 per replica", at=123.5)
+    assert await store.set_deployment_scale("auto", 3, status)
+    got = await store.get_deployment("auto")
+    assert got is not None and got.replicas == 3 and got.autoscale_status == status
+    # Nothing else changed (policy and big numbers included), and routing did not move.
+    assert got.model_dump(exclude={"replicas", "autoscale_status"}) == d.model_dump(
+        exclude={"replicas", "autoscale_status"})
+    assert [(x.replicas, x.autoscale_status) for x in await store.list_deployments()] == [(3, status)]
+    assert await store.get_revision() == rev
+    # An operator's change (read, changed, put back) keeps what the autoscaler wrote.
+    changed = await store.put_deployment(got.model_copy(update={"weight": 9}))
+    again = await store.get_deployment("auto")
+    assert changed.replicas == 3 and again is not None and (again.replicas, again.weight) == (3, 9)
+    assert again.autoscale_status == status
+    assert await store.set_deployment_scale("auto", 0, None)
+    zero = await store.get_deployment("auto")
+    assert zero is not None and zero.replicas == 0 and zero.autoscale_status is None
+    assert not await store.set_deployment_scale("missing", 2, status)
+    assert await store.get_deployment("missing") is None
+
+
+async def test_load_reports_are_upserted_and_expire_by_the_stores_clock(two_stores: tuple[Store, Store]) -> None:
+    a, b = two_stores
+    report = LoadReport(source="gw-1:8000#0", revision=7, models={"m": ModelLoad(in_flight=3, queued=2)},
+                        instances={"w1/a": InstanceLoad(in_flight=3, enabled=False)})
+    await a.put_load_report(report, ttl=1.5)
+    got = await b.list_load_reports()  # another controller reads it
+    assert len(got) == 1 and 0 < got[0].expires_in <= 1.5
+    assert got[0].model_dump(exclude={"expires_in"}) == report.model_dump(exclude={"expires_in"})
+    # Upsert by source: the newer report replaces the older, and its TTL starts again.
+    await b.put_load_report(report.model_copy(update={"models": {"m": ModelLoad(in_flight=1)}}), ttl=30)
+    await a.put_load_report(LoadReport(source="gw-2:8000#0"), ttl=1.0)
+    got = sorted(await a.list_load_reports(), key=lambda r: r.source)
+    assert [r.source for r in got] == ["gw-1:8000#0", "gw-2:8000#0"]
+    assert got[0].models["m"].in_flight == 1 and got[0].expires_in > 25
+    # A gateway that stops reporting stops counting once its TTL has passed.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(await b.list_load_reports()) > 1:  # noqa: ASYNC110 (polls the store)
+        await asyncio.sleep(0.1)
+    assert [r.source for r in await b.list_load_reports()] == ["gw-1:8000#0"]

@@ -353,3 +353,18 @@ def test_deploy_form_downloads_a_model_and_brings_it_up(page, cluster: UpCluster
     page.goto("/#/workers")
     cache = page.locator('section.worker[data-worker="local"]')
     cache.get_by_text("hf://org/tiny-GGUF/tiny.gguf@main").wait_for()
+
+
+def test_models_page_shows_autoscaling_and_the_last_decision(page, cluster: UpCluster) -> None:
+    r = httpx.patch(f"{cluster.controller}/v1/cluster/deployments/{CHAT_MODEL}", timeout=10,
+                    json={"autoscale": {"min_replicas": 1, "max_replicas": 2, "target_ongoing": 3}})
+    assert r.status_code == 200, r.text
+    page.goto("/#/models")
+    panel = page.locator(f'section.model[data-model="{CHAT_MODEL}"]')
+    panel.locator(".autoscale").wait_for()
+    assert panel.locator(".autoscale").inner_text() == "autoscale 1..2 replicas, target 3"
+    assert panel.locator('button[data-action="scale-up"]').count() == 0  # the autoscaler's to change
+    page.wait_for_function(
+        "m => document.querySelector(`section.model[data-model=\"${m}\"] .autoscale-decision`)"
+        "?.textContent.includes('Last decision')", arg=CHAT_MODEL, timeout=15_000)
+    assert "Desired 1 replica(s)." in panel.locator(".autoscale-decision").inner_text()

@@ -154,3 +154,30 @@ async def test_a_write_the_store_refuses_stays_with_its_deployment(caplog):
         await r.reconcile_once()
     assert (await store.get_deployment("bad")).error is None
     assert any(r.getMessage() == "deployment bad reconciled again" for r in caplog.records)
+
+
+def test_scale_down_drains_ready_replicas_and_stops_them_once_idle_at_every_gateway():
+    from modelfleet.controller.reconciler import drained_idle
+    from modelfleet.models import InstanceLoad, LoadReport
+
+    insts = [inst("a1", "a"), inst("b1", "b"), inst("c-start", "a", state=InstanceState.STARTING)]
+    p = plan([dep(replicas=1)], insts, [worker("a"), worker("b")])
+    # The one still starting goes at once (no gateway routes to it); a ready one is drained.
+    assert p.delete == [("c-start", "scaled to 1")]
+    assert p.drain == [("a1", "scaled to 1")]  # ready ones by id: the first goes
+    drained = [inst("a1", "a", enabled=False), inst("b1", "b")]
+    busy = [LoadReport(source="g1", revision=10, instances={"a1": InstanceLoad(in_flight=1, enabled=False)}),
+            LoadReport(source="g2", revision=10)]
+    idle = [LoadReport(source="g1", revision=10, instances={"a1": InstanceLoad(in_flight=0, enabled=False)}),
+            LoadReport(source="g2", revision=11)]
+    stale = [LoadReport(source="g1", revision=9), LoadReport(source="g2", revision=11)]
+    assert not drained_idle("a1", busy, 10)
+    assert drained_idle("a1", idle, 10)
+    assert not drained_idle("a1", stale, 10)  # g1 may not have the drain yet
+    assert not drained_idle("a1", [], 10)  # nobody reports: the drain timeout decides
+    keep = plan_reconcile([dep(replicas=1)], drained, [worker("a"), worker("b")], ttl=TTL, grace=GRACE,
+                          move_budget=10, drained_since={"a1": 99.0}, drain_timeout=30.0, now=100.0, idle=set())
+    assert keep.delete == [] and keep.create == []  # in flight somewhere: it stays
+    stop = plan_reconcile([dep(replicas=1)], drained, [worker("a"), worker("b")], ttl=TTL, grace=GRACE,
+                          move_budget=10, drained_since={"a1": 99.0}, drain_timeout=30.0, now=100.0, idle={"a1"})
+    assert stop.delete == [("a1", "drained: out of rotation and idle at every gateway")]

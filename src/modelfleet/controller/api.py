@@ -28,9 +28,10 @@ from modelfleet import __version__
 from modelfleet.auth import check_authorization, check_token, new_api_key
 from modelfleet.catalog import load_catalog
 from modelfleet.config import DEFAULT_CONTROLLER_PORT, default_store_url, hostname
+from modelfleet.controller.autoscaler import Autoscaler, autoscaled_start, model_loads
 from modelfleet.controller.lease import LEADER_LEASE, LeaderElector
 from modelfleet.controller.models_api import attach_downloads, call_worker, models_router, prepare_deployment
-from modelfleet.controller.reconciler import Reconciler
+from modelfleet.controller.reconciler import Reconciler, drained_idle
 from modelfleet.controller.routes import build_route_table
 from modelfleet.errors import ApiError, error_body, install_error_handlers, validation_error
 from modelfleet.health import alive_worker_ids, is_alive, worker_ttl
@@ -50,12 +51,14 @@ from modelfleet.metrics import (
 )
 from modelfleet.models import (
     ApiKey,
+    AutoscalePolicy,
     Concurrency,
     Deployment,
     DeploymentSpec,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    LoadReport,
     Params,
     PlacementSpec,
     Replicas,
@@ -90,6 +93,9 @@ class ControllerSettings:
     moves_per_minute: int = 10
     # A drained replica is stopped this long after it stopped getting new requests.
     drain_timeout: float = 30.0
+    # Gateways report their load every second; a report counts this long (store clock), so
+    # a gateway that dies stops counting within it.
+    load_report_ttl: float = 5.0
     controller_id: str = ""
     catalog: str | None = None  # an operator's catalog file, added to the built-in one
     source_lookup_timeout: float = 5.0  # asking a hub for a new deployment's model size
@@ -111,6 +117,10 @@ class HeartbeatIn(BaseModel):
     instances: list[InstanceStatus] | None = None
     # The routing revision the worker last saw; assignments are re-read only when it moved.
     known_revision: int = -1
+    # A worker shutting down: the instances it drains, and the revision at which it reported
+    # them draining; the reply says which are idle at every gateway (load reports).
+    draining: list[str] | None = Field(default=None, max_length=10_000)
+    drain_revision: int = -1
 
 
 class DeploymentPatch(BaseModel):
@@ -124,6 +134,8 @@ class DeploymentPatch(BaseModel):
     params: Params | None = None
     placement: PlacementSpec | None = None
     routing: Routing | None = None
+    # A policy turns autoscaling on (replicas are then the autoscaler's); null turns it off.
+    autoscale: AutoscalePolicy | None = None
 
 
 class InstanceEventIn(BaseModel):
@@ -223,8 +235,10 @@ class Controller:
             self.store, ttl=settings.worker_ttl, grace=settings.reschedule_grace,
             moves_per_minute=settings.moves_per_minute, drain_timeout=settings.drain_timeout,
         )
+        self.autoscaler = Autoscaler(self.store)
         self.elector = LeaderElector(
-            self.store, settings.controller_id, settings.lease_ttl, [self.gc_loop, self.reconciler.run],
+            self.store, settings.controller_id, settings.lease_ttl,
+            [self.gc_loop, self.reconciler.run, self.autoscaler.run],
             can_lead=lambda: self.ready,
         )
         self._alive: set[str] | None = None
@@ -480,13 +494,21 @@ class HeartbeatEndpoint:
             log.info("worker %s registered (%s:%d)", body.worker.id, body.worker.address, body.worker.port)
         CONTROLLER_HEARTBEATS.labels("ok").inc()
         CONTROLLER_HEARTBEAT_SECONDS.observe(time.perf_counter() - t0)
-        return {
+        reply: dict[str, Any] = {
             "registered": result.registered,
             "revision": result.revision,
             "assignments": assignments,
             "heartbeat_interval": s.heartbeat_interval,
             "controller_id": s.controller_id,
         }
+        if body.draining is not None:
+            try:
+                reports = await ctl.store.list_load_reports()
+            except StoreError as exc:
+                raise _store_call_error(exc) from exc
+            reply["gateways"] = len(reports)
+            reply["drained"] = [i for i in body.draining if drained_idle(i, reports, body.drain_revision)]
+        return reply
 
 
 def _store_call_error(exc: Exception) -> ApiError:
@@ -680,14 +702,18 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         data = []
         for n in names:
             mine = [i for i in instances if i.model == n]
+            d = deps.get(n)
             data.append({
                 "name": n,
-                "backend": deps[n].backend if n in deps else (mine[0].backend if mine else None),
-                "replicas": deps[n].replicas if n in deps else len(mine),
+                "backend": d.backend if d else (mine[0].backend if mine else None),
+                "replicas": d.replicas if d else len(mine),
                 "ready": sum(1 for i in mine if i.state == InstanceState.READY),
+                "draining": sum(1 for i in mine if not i.enabled),
                 "instances": len(mine),
-                "deployed": n in deps,
-                "error": deps[n].error if n in deps else None,
+                "deployed": d is not None,
+                "error": d.error if d else None,
+                "autoscale": d.autoscale.model_dump() if d and d.autoscale else None,
+                "last_decision": d.autoscale_status.model_dump() if d and d.autoscale_status else None,
             })
         return {"data": data}
 
@@ -702,6 +728,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         admin(request)
         if await ctl.store.get_deployment(body.name) is not None:
             raise ApiError(409, f"deployment {body.name} exists; change it with PATCH or `modelfleet scale`")
+        body = autoscaled_start(body)
         d = await ctl.store.put_deployment(await prepare_deployment(body, catalog, s.source_lookup_timeout))
         log.info("deployment %s created (%s, %d replicas)", d.name, d.backend, d.replicas)
         return d.model_dump()
@@ -721,6 +748,29 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         if d is None:
             raise ApiError(404, f"deployment {name} not found")
         changes = body.model_dump(exclude_none=True)
+        if "autoscale" in body.model_fields_set:
+            policy = body.autoscale
+            if policy is not None and d.autoscale is not None:
+                # A merge: the fields given change, the others keep their values.
+                try:
+                    policy = AutoscalePolicy.model_validate(
+                        {**d.autoscale.model_dump(), **policy.model_dump(exclude_unset=True)})
+                except ValidationError as exc:
+                    raise validation_error([{**e, "loc": ("body", "autoscale", *e["loc"])}
+                                            for e in exc.errors()]) from None
+                body.autoscale = policy
+            changes["autoscale"] = policy.model_dump() if policy else None
+            if body.autoscale is None:
+                changes["autoscale_status"] = None
+        scaled = "autoscale" in changes and changes["autoscale"] is not None
+        if "replicas" in changes and (scaled or (d.autoscale is not None and "autoscale" not in changes)):
+            raise ApiError(409, f"deployment {name} is autoscaled: its replicas are the autoscaler's; set "
+                           "min/max replicas in its policy, or send \"autoscale\": null with the replicas to fix "
+                           "the count (`modelfleet scale NAME N`)")
+        if scaled:
+            p = body.autoscale
+            assert p is not None
+            changes["replicas"] = min(p.max_replicas, max(p.min_replicas, d.replicas))
         d = await ctl.store.put_deployment(Deployment.model_validate({**d.model_dump(), **changes}))
         log.info("deployment %s changed: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
         return d.model_dump()
@@ -732,6 +782,20 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
             raise ApiError(404, f"deployment {name} not found")
         log.info("deployment %s deleted", name)
         return Response(status_code=204)
+
+    # -- load reports (autoscaling) --------------------------------------------------------
+    @app.post("/v1/cluster/load", status_code=204)
+    async def load_report(body: LoadReport, request: Request) -> Response:
+        """A gateway's per-model load, every second; kept in the store for load_report_ttl."""
+        cluster_read(request)
+        await ctl.store.put_load_report(body, s.load_report_ttl)
+        return Response(status_code=204)
+
+    @app.get("/v1/cluster/load")
+    async def load_reports(request: Request) -> dict[str, Any]:
+        cluster_read(request)
+        reports = await ctl.store.list_load_reports()
+        return {"data": [r.model_dump() for r in reports], "models": model_loads(reports)}
 
     # -- routes for gateways --------------------------------------------------------------
     @app.get("/v1/cluster/routes")

@@ -10,7 +10,11 @@ Rules:
 - moves are rate-limited (``moves_per_minute``) and held altogether while more than half of
   the workers are silent at once: that is a network or store fault, not dead machines;
 - draining (disabled) replicas do not count toward ``replicas``, so a replacement starts at
-  once; they are stopped after ``drain_timeout``;
+  once; they are stopped when every gateway reports them out of rotation with nothing in
+  flight (``drained_idle``, from the load reports), or after ``drain_timeout`` at the latest;
+- scale-down drains the replicas it removes (ready ones: gateways stop sending them new
+  requests, and they stop once idle), so no request in flight is cut; a replica that never
+  became routable (pending, starting, failed) is removed at once;
 - replicas that fit nowhere stay pending with the reason, and are retried every pass;
 - a failure stays with the deployment that caused it: an exception while planning or writing
   one deployment (a value the store refuses, a source the controller cannot look at) is caught,
@@ -26,7 +30,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
@@ -48,6 +52,7 @@ from modelfleet.models import (
     Instance,
     InstanceSpec,
     InstanceState,
+    LoadReport,
     WorkerRecord,
 )
 from modelfleet.store import Store, StoreError, StoreUnavailable
@@ -60,6 +65,7 @@ RECONCILER_ACTIONS = Counter("modelfleet_reconciler_actions_total", "Reconciler 
 RECONCILER_FAILING = Gauge("modelfleet_reconciler_failing_deployments",
                            "Deployments the reconciler cannot act on (their error says why)")
 
+ROUTABLE = (InstanceState.READY, InstanceState.DRAINING)  # what a gateway may have sent requests to
 GPU_PARAM = "gpus"  # GPU indexes chosen for a replica; the worker exports CUDA_VISIBLE_DEVICES from it
 
 
@@ -69,6 +75,7 @@ class Plan:
     place: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)  # id, worker, gpus
     pending: list[tuple[str, str]] = field(default_factory=list)  # id, reason (changed reasons only)
     delete: list[tuple[str, str]] = field(default_factory=list)  # id, why
+    drain: list[tuple[str, str]] = field(default_factory=list)  # id, why: out of rotation, stopped once idle
     moved: int = 0
     held: str | None = None
     owner: dict[str, str] = field(default_factory=dict)  # instance id -> deployment, for every action
@@ -112,6 +119,29 @@ def extra_order(i: Instance) -> tuple[int, str]:
     return (rank * 10 + state_rank, i.id)
 
 
+def draining(i: Instance) -> bool:
+    """Out of rotation: drained by an operator or a scale-down (disabled), or by its worker
+    shutting down (state draining). It does not count toward replicas."""
+    return not i.enabled or i.state == InstanceState.DRAINING
+
+
+def drained_idle(instance_id: str, reports: list[LoadReport], at_revision: int) -> bool:
+    """Every gateway has it out of rotation with nothing in flight: it may stop.
+
+    Only reports of a route table at least as new as ``at_revision`` (the revision when the
+    drain was first seen: its table has the replica disabled) count, and there must be at
+    least one: with no gateway reporting, the drain timeout decides."""
+    if not reports:
+        return False
+    for r in reports:
+        if r.revision < at_revision:
+            return False
+        x = r.instances.get(instance_id)
+        if x is not None and (x.enabled or x.in_flight > 0):
+            return False
+    return True
+
+
 def plan_reconcile(
     deployments: list[Deployment],
     instances: list[Instance],
@@ -123,6 +153,8 @@ def plan_reconcile(
     drained_since: dict[str, float],
     drain_timeout: float,
     now: float,
+    idle: Collection[str] = (),
+    min_drain: float = 0.0,
 ) -> Plan:
     plan = Plan(held=panic_hold(workers, ttl))
     by_name = {d.name: d for d in deployments}
@@ -151,7 +183,7 @@ def plan_reconcile(
         try:
             budget = _plan_deployment(part, d, mine, needs_by_dep[d.name], caps, ages, grace=grace,
                                       budget=budget, held=plan.held is not None, drained_since=drained_since,
-                                      drain_timeout=drain_timeout, now=now)
+                                      drain_timeout=drain_timeout, now=now, idle=idle, min_drain=min_drain)
         except Exception as exc:  # nothing of this deployment is done this pass; the others go on
             plan.failed[d.name] = failure_reason(exc)
             continue
@@ -159,15 +191,17 @@ def plan_reconcile(
         plan.place += part.place
         plan.pending += part.pending
         plan.delete += part.delete
+        plan.drain += part.drain
         plan.moved += part.moved
-        for iid in [s.id for s in part.create] + [x[0] for x in part.place + part.pending + part.delete]:
+        for iid in [s.id for s in part.create] + [x[0] for x in part.place + part.pending + part.delete + part.drain]:
             plan.owner[iid] = d.name
     return plan
 
 
 def _plan_deployment(plan: Plan, d: Deployment, mine: list[Instance], need: Need, caps: dict[str, Capacity],
                      ages: dict[str, float], *, grace: float, budget: int, held: bool,
-                     drained_since: dict[str, float], drain_timeout: float, now: float) -> int:
+                     drained_since: dict[str, float], drain_timeout: float, now: float,
+                     idle: Collection[str] = (), min_drain: float = 0.0) -> int:
     """One deployment's part of the plan; returns the move budget left."""
     keep: list[Instance] = []
     for i in mine:
@@ -177,16 +211,23 @@ def _plan_deployment(plan: Plan, d: Deployment, mine: list[Instance], need: Need
             plan.moved += 1
             plan.delete.append((i.id, f"worker {i.worker_id} silent for more than {grace:.0f} s: moving"))
             continue
-        if not i.enabled:
+        if draining(i):
             since = drained_since.get(i.id, now)
-            if now - since >= drain_timeout:
+            if i.id in idle and now - since >= min_drain:
+                plan.delete.append((i.id, "drained: out of rotation and idle at every gateway"))
+            elif i.state not in ROUTABLE or i.worker_id is None:
+                plan.delete.append((i.id, "drained: never took requests"))
+            elif now - since >= drain_timeout:
                 plan.delete.append((i.id, f"drained for {drain_timeout:.0f} s"))
             continue  # draining replicas do not count
         keep.append(i)
 
     if len(keep) > d.replicas:
         for i in sorted(keep, key=extra_order)[: len(keep) - d.replicas]:
-            plan.delete.append((i.id, f"scaled to {d.replicas}"))
+            if i.state in ROUTABLE and i.worker_id is not None:
+                plan.drain.append((i.id, f"scaled to {d.replicas}"))  # may have requests in flight
+            else:
+                plan.delete.append((i.id, f"scaled to {d.replicas}"))
             keep.remove(i)
 
     for i in keep:
@@ -238,11 +279,17 @@ class MoveLimiter:
 
 class Reconciler:
     def __init__(self, store: Store, *, ttl: float, grace: float, moves_per_minute: int,
-                 drain_timeout: float = 30.0, interval: float = 1.0) -> None:
+                 drain_timeout: float = 30.0, interval: float = 1.0, min_drain: float = 5.0) -> None:
         self.store = store
+        # A replica an operator drained stays listed (draining) at least this long, even when
+        # idle at once: the operator and the console see the drain happen. A scale-down's
+        # drains stop as soon as they are idle (replica-seconds are what autoscaling saves).
+        self.min_drain = min_drain
+        self.scaled_down: set[str] = set()  # drains this reconciler started (scale-down)
         self.ttl, self.grace, self.drain_timeout, self.interval = ttl, max(grace, ttl), drain_timeout, interval
         self.limiter = MoveLimiter(moves_per_minute)
         self.drained_since: dict[str, float] = {}
+        self.drained_at_rev: dict[str, int] = {}  # the store revision when a drain was first seen
         self._held: str | None = None
         self.failing: dict[str, str] = {}  # deployment -> error, as last logged
 
@@ -256,18 +303,27 @@ class Reconciler:
             await asyncio.sleep(self.interval)
 
     async def reconcile_once(self) -> Plan:
-        deployments, instances, workers = await asyncio.gather(
-            self.store.list_deployments(), self.store.list_instances(), self.store.list_workers()
+        deployments, instances, workers, reports = await asyncio.gather(
+            self.store.list_deployments(), self.store.list_instances(), self.store.list_workers(),
+            self.store.list_load_reports(),
         )
+        # After the reads: at least the revision of every disable they show (the disable and
+        # its bump are one write), so a gateway at this revision has the replica disabled.
+        revision = await self.store.get_revision()
         now = time.monotonic()
-        disabled = {i.id for i in instances if not i.enabled}
+        disabled = {i.id for i in instances if draining(i)}
         self.drained_since = {k: v for k, v in self.drained_since.items() if k in disabled}
+        self.drained_at_rev = {k: v for k, v in self.drained_at_rev.items() if k in disabled}
         for iid in disabled:
             self.drained_since.setdefault(iid, now)
+            self.drained_at_rev.setdefault(iid, revision)
+        self.scaled_down &= disabled
+        idle = {iid for iid in disabled if drained_idle(iid, reports, self.drained_at_rev[iid])
+                and (iid in self.scaled_down or now - self.drained_since[iid] >= self.min_drain)}
         plan = plan_reconcile(
             deployments, instances, workers, ttl=self.ttl, grace=self.grace,
             move_budget=self.limiter.budget(now), drained_since=self.drained_since,
-            drain_timeout=self.drain_timeout, now=now,
+            drain_timeout=self.drain_timeout, now=now, idle=idle,
         )
         self._report_hold(plan.held)
         failed = await self.apply(plan, now)
@@ -333,6 +389,14 @@ class Reconciler:
                     log.info("instance %s removed: %s", iid, why)
 
             await act(iid, f"removing instance {iid}", delete)
+        for iid, why in plan.drain:
+            async def drain(iid: str = iid, why: str = why) -> None:
+                if await self.store.update_instance(iid, enabled=False):
+                    self.scaled_down.add(iid)
+                    RECONCILER_ACTIONS.labels("drain").inc()
+                    log.info("instance %s draining (no new requests; stopped once idle): %s", iid, why)
+
+            await act(iid, f"draining instance {iid}", drain)
         if plan.moved:
             self.limiter.spend(plan.moved, now)
             RECONCILER_MOVES.inc(plan.moved)

@@ -8,6 +8,7 @@ from modelfleet.models import ApiKey, Deployment, Instance, InstanceState
 from modelfleet.store.base import AUTH_REQUIRED, ClusterMeta
 
 ROUTABLE_STATES = (InstanceState.READY, InstanceState.DRAINING)
+STARTING_STATES = (InstanceState.PENDING, InstanceState.DOWNLOADING, InstanceState.STARTING)
 
 CHAT_AND_COMPLETIONS = ("chat", "completions")
 
@@ -67,12 +68,18 @@ def build_route_table(
     ``cluster_id`` lets gateways refuse a table from a store that lost its state (unless it
     ``replaces`` theirs); ``auth`` is the store's auth state ("none", "required", "opened")."""
     models: dict[str, list[dict[str, Any]]] = {d.name: [] for d in deployments}
+    # Whether a request that finds no ready instance should wait for one (gateway cold-start
+    # hold): a deployment that wants replicas or autoscales (it starts one on demand), or an
+    # instance on its way up. A deployment parked at 0 fixed replicas: no, 503 at once.
+    hold: dict[str, bool] = {d.name: d.replicas > 0 or d.autoscale is not None for d in deployments}
     endpoints: dict[str, list[str] | None] = {d.name: model_endpoints(d.backend, d.params) for d in deployments}
     chosen = {d.name: d.routing for d in deployments}
     for inst in instances:
         models.setdefault(inst.model, [])
         if inst.model not in endpoints:  # declared by its worker: what its own backend serves
             endpoints[inst.model] = model_endpoints(inst.backend, inst.params)
+        if inst.state in STARTING_STATES:
+            hold[inst.model] = True
         if inst.state not in ROUTABLE_STATES or not inst.endpoint or inst.worker_id not in alive:
             continue
         models[inst.model].append(
@@ -92,7 +99,8 @@ def build_route_table(
         "controller_id": controller_id,
         "heartbeat_ttl": ttl,
         "models": [{"name": name, "instances": models[name], "endpoints": endpoints[name],
-                    "routing": model_routing(chosen.get(name, "auto"), endpoints[name])} for name in sorted(models)],
+                    "routing": model_routing(chosen.get(name, "auto"), endpoints[name]),
+                    "hold": hold.get(name, False)} for name in sorted(models)],
         "api_keys": [{"id": k.id, "secret_hash": k.secret_hash} for k in api_keys if not k.revoked],
         # Once any key was ever created, inference needs one: revoking the last key, or a key
         # table that is suddenly empty, must close the door, not open it. Only an admin's

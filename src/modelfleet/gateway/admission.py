@@ -34,3 +34,19 @@ def process_share(total: int, processes: int, index: int) -> int:
 def ewma(old: float, sample: float, alpha: float = 0.1) -> float:
     """Exponentially weighted mean latency, for Retry-After estimates."""
     return sample if old <= 0 else old + alpha * (sample - old)
+
+
+def hold_for_cold_start(routable_instances: int, excluded: int, wait_s: float) -> bool:
+    """Hold a request that found no instance, rather than answer 503 at once?
+
+    Only when the model has no routable instance at all (none ready: starting, being
+    replaced, scaled to zero): the first one to become ready serves it. When routable
+    instances exist but this request already tried them all (``excluded``), a 503 (with the
+    last failure) is the honest answer: waiting would not bring a new one."""
+    return wait_s > 0 and routable_instances == 0 and excluded == 0
+
+
+def cold_retry_after_s(wait_s: float, low: int = 1, high: int = 60) -> int:
+    """Retry-After of a 503 after a cold-start hold ran out: the model is still starting, so
+    about the time a start takes, bounded like every Retry-After."""
+    return int(min(high, max(low, math.ceil(wait_s / 4))))

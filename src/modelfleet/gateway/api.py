@@ -26,6 +26,7 @@ from modelfleet import __version__
 from modelfleet.errors import error_body
 from modelfleet.gateway.access import RequestEdge
 from modelfleet.gateway.auth import bearer_token, key_allowed
+from modelfleet.gateway.load_report import LoadReporter
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.pool import Pool
 from modelfleet.gateway.proxy import Proxy, Receive, Scope, Send
@@ -98,6 +99,10 @@ class GatewayApp:
         self.proxy = Proxy(settings, self.pool, self.metrics, self.stats, lambda: self.table)
         self.metrics.attach(self.pool, self.watcher)
         self.pool.on_prefix = lambda model, outcome: self.metrics.prefix_routed.labels(model, outcome).inc()
+        # Per-model load to a controller every second (autoscaling, drains: load_report.py).
+        self.reporter = LoadReporter(self.pool, self.watcher, f"{settings.gateway_id}#{process_index}",
+                                     lambda: self.table.revision)
+        self.pool.on_hold = self.reporter.nudge
         self._first_table = asyncio.Event()
         self._latest: RouteTable = EMPTY  # as the controller sent it (self.table may keep more)
         self._grace: Grace | None = None  # a hold on missing instances: see routes.keep_missing
@@ -141,6 +146,7 @@ class GatewayApp:
     async def startup(self, first_table_wait_s: float = 3.0) -> None:
         self.watcher.load_snapshot()
         await self.watcher.start()
+        self.reporter.start()
         if self.metrics.multiprocess:
             self._publisher = asyncio.create_task(self._publish_metrics(), name="metrics-publisher")
         if not self.watcher.freshness.loaded and self.s.controller_list:
@@ -168,6 +174,7 @@ class GatewayApp:
     async def shutdown(self) -> None:
         if self._publisher is not None:
             self._publisher.cancel()
+        await self.reporter.stop()
         await self.watcher.stop()
         self.proxy.stop()
 

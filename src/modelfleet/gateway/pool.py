@@ -34,6 +34,10 @@ class Overloaded(Exception):
 class NoInstance(Exception):
     """503: the model is known but no instance can take the request."""
 
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class Inst:
     """One instance as this process sees it."""
@@ -70,18 +74,22 @@ class Inst:
 
 
 class Waiter:
-    __slots__ = ("exclude", "fut")
+    __slots__ = ("cold", "exclude", "fut")
 
-    def __init__(self, fut: asyncio.Future[Inst], exclude: tuple[str, ...]) -> None:
+    def __init__(self, fut: asyncio.Future[Inst], exclude: tuple[str, ...], cold: bool = False) -> None:
         self.fut = fut
         self.exclude = exclude
+        # Held for a cold start (no routable instance when it arrived): a table without a
+        # routable instance keeps it waiting instead of failing it.
+        self.cold = cold
 
 
 class ModelState:
-    __slots__ = ("instances", "latency_ewma", "name", "prefixes", "waiters")
+    __slots__ = ("hold", "instances", "latency_ewma", "name", "prefixes", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.hold = True  # with no ready instance, requests wait for one (see RouteTable.no_hold)
         self.instances: list[Inst] = []
         self.waiters: deque[Waiter] = deque()
         self.latency_ewma = 0.0  # seconds, completed requests
@@ -95,6 +103,10 @@ class ModelState:
     @property
     def in_flight(self) -> int:
         return sum(i.in_flight for i in self.instances)
+
+    @property
+    def routable(self) -> int:
+        return sum(1 for i in self.instances if balancer.routable(i))
 
 
 class Pool:
@@ -114,6 +126,12 @@ class Pool:
         self.ejections_total = 0
         # (model, outcome) of each prefix-routed choice: "cached", "home" or "spilled" (metrics).
         self.on_prefix: Callable[[str, str], None] = lambda _model, _outcome: None
+        # Set by the first table applied (snapshot or controller): until then a request for
+        # any model is held (see Proxy.handle), not answered 404.
+        self.loaded = asyncio.Event()
+        self.on_hold: Callable[[], None] = lambda: None  # a request is held for a cold start
+        # Instances that left the route table with requests still in flight on them.
+        self.retired: dict[str, Inst] = {}
 
     # -- route table --------------------------------------------------------------------
     def apply(self, table: RouteTable) -> None:
@@ -140,6 +158,7 @@ class Pool:
                 instances[r.id] = inst
             gone = {i.id for i in m.instances} - {i.id for i in insts}
             m.instances = insts
+            m.hold = name not in table.no_hold
             models[name] = m
             routing = table.routing.get(name, "p2c")
             if routing == "prefix" and m.prefixes is None:
@@ -152,6 +171,10 @@ class Pool:
                 # Its cache went with it; a replacement must not inherit the belief.
                 m.prefixes.forget({i.id for i in insts})
         for iid, inst in self.instances.items():
+            if iid not in instances and inst.in_flight > 0:
+                # Gone from the table with requests still on it (streams finish there): the
+                # load report keeps saying so, or a drain would stop it under them.
+                self.retired[iid] = inst
             if iid not in instances and inst.aborts:
                 now = asyncio.get_running_loop().time()
                 for scope in inst.aborts:
@@ -163,9 +186,19 @@ class Pool:
                         w.fut.set_exception(NoInstance(f"model {name} was removed"))
                 gone.waiters.clear()
         self.models, self.instances = models, instances
+        self.loaded.set()
         for m in models.values():
             if m.waiters:
                 self.drain(m)
+
+    async def wait_loaded(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for the first route table; True once there is one."""
+        if not self.loaded.is_set() and timeout_s > 0:
+            try:
+                await asyncio.wait_for(self.loaded.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return self.loaded.is_set()
 
     # -- admission ----------------------------------------------------------------------
     def try_acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None,
@@ -190,30 +223,55 @@ class Pool:
         return inst
 
     async def acquire(self, m: ModelState, exclude: tuple[str, ...] = (), session: bytes | None = None,
-                      wait_s: float | None = None, key: prefix.PrefixKey | None = None) -> Inst:
+                      wait_s: float | None = None, key: prefix.PrefixKey | None = None,
+                      cold_wait_s: float | None = None) -> Inst:
         """A slot on an instance of ``m``: at once, or after queueing. Raises Overloaded or
-        NoInstance. The caller must ``release`` the instance when done."""
+        NoInstance. The caller must ``release`` the instance when done.
+
+        A model with no routable instance at all (starting, replaced, scaled to zero) holds
+        the request up to ``cold_wait_s`` (default the cold-start wait) for the first instance
+        that becomes ready; it waits in the model's queue, so it counts in the load this
+        gateway reports, which is what makes the autoscaler start a replica from zero."""
         d = self.try_acquire(m, exclude, session, key)
         if d.__class__ is Inst:
             return d  # type: ignore[return-value]
         if d is balancer.NO_INSTANCE:
-            raise NoInstance(f"no healthy instance of model {m.name}")
-        wait = self.s.queue_wait_s if wait_s is None else min(wait_s, self.s.queue_wait_s)
-        if not admission.queue_has_room(len(m.waiters), self.s.queue_len) or wait <= 0:
-            raise Overloaded(self.retry_after(m), f"model {m.name} is overloaded: every instance is busy "
-                                                  f"and {len(m.waiters)} requests are queued")
-        inst = await self._wait(m, exclude, wait)
+            cold = self.s.cold_start_wait_s if cold_wait_s is None else min(cold_wait_s, self.s.cold_start_wait_s)
+            if not m.hold or not admission.hold_for_cold_start(m.routable, len(exclude), cold):
+                raise NoInstance(f"no healthy instance of model {m.name}")
+            if not admission.queue_has_room(len(m.waiters), self.s.queue_len):
+                raise NoInstance(f"model {m.name} has no ready instance and {len(m.waiters)} requests are "
+                                 "already waiting for one to start", admission.cold_retry_after_s(cold))
+            self.on_hold()
+            inst = await self._wait(m, exclude, cold, cold=True)
+        else:
+            wait = self.s.queue_wait_s if wait_s is None else min(wait_s, self.s.queue_wait_s)
+            if not admission.queue_has_room(len(m.waiters), self.s.queue_len) or wait <= 0:
+                raise Overloaded(self.retry_after(m), f"model {m.name} is overloaded: every instance is busy "
+                                                      f"and {len(m.waiters)} requests are queued")
+            inst = await self._wait(m, exclude, wait)
         if key is not None and m.prefixes is not None:
             m.prefixes.record(key, inst.id)  # a queued request goes where a slot frees first
         return inst
 
-    async def _wait(self, m: ModelState, exclude: tuple[str, ...], wait: float) -> Inst:
+    async def _wait(self, m: ModelState, exclude: tuple[str, ...], wait: float, cold: bool = False) -> Inst:
         loop = asyncio.get_running_loop()
-        w = Waiter(loop.create_future(), exclude)
+        w = Waiter(loop.create_future(), exclude, cold)
         m.waiters.append(w)
+        if cold:
+            log.debug("request for %s held: no ready instance yet (up to %.0f s)", m.name, wait)
 
         def expire() -> None:
-            if not w.fut.done():
+            if w.fut.done():
+                return
+            # The model object may have been replaced by a newer table: judge the current one.
+            now_m = self.models.get(m.name, m)
+            if cold and now_m.routable == 0:
+                w.fut.set_exception(NoInstance(
+                    f"no instance of model {m.name} became ready within {self.s.cold_start_wait_s:g} s (it is "
+                    "starting, or cannot be placed: see `modelfleet models`)",
+                    admission.cold_retry_after_s(self.s.cold_start_wait_s)))
+            else:
                 w.fut.set_exception(Overloaded(self.retry_after(m), f"model {m.name} is overloaded: no "
                                                                     f"instance freed up within {wait:g} s"))
 
@@ -236,6 +294,8 @@ class Pool:
 
     def release(self, inst: Inst) -> None:
         inst.in_flight -= 1
+        if inst.in_flight <= 0 and self.retired.get(inst.id) is inst:
+            del self.retired[inst.id]
         m = inst.model
         if m.waiters:
             self.drain(m)
@@ -252,6 +312,8 @@ class Pool:
                 if not w.exclude:
                     break  # nobody behind it can find room either
                 continue
+            if d is balancer.NO_INSTANCE and w.cold and m.routable == 0 and m.hold:
+                continue  # still no instance up: keep holding it until one is, or its bound
             m.waiters.remove(w)
             if d is balancer.NO_INSTANCE:
                 w.fut.set_exception(NoInstance(f"no healthy instance of model {m.name}"))

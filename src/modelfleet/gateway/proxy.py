@@ -151,6 +151,8 @@ class Proxy:
             return await self.fail(send, t0, "", 400, "the request body must be a JSON object with a "
                                    "\"model\" string", param="model", code="invalid_request")
         m = self.pool.models.get(model)
+        if m is None and not self.pool.loaded.is_set():
+            m = await self.first_table(model, t0, receive)
         if m is None:
             # Metrics label it "-": a label per unknown name would let clients grow the series forever.
             return await self.fail(send, t0, "", 404, f"the model `{model}` does not exist",
@@ -181,6 +183,20 @@ class Proxy:
             watch.done = True
             watcher.cancel()
 
+    async def first_table(self, model: str, t0: float, receive: Receive) -> ModelState | None:
+        """Before this gateway's first route table (no snapshot, no controller answer yet) it
+        cannot tell an unknown model from one it has not heard of yet: hold the request up to
+        the cold-start wait for the table, then judge it. A client that leaves meanwhile ends
+        the wait (its disconnect message is read here)."""
+        waiting = asyncio.ensure_future(self.pool.wait_loaded(self.s.cold_start_wait_s - (perf_counter() - t0)))
+        gone = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            gone.cancel()
+        return self.pool.models.get(model)
+
     # -- forwarding -------------------------------------------------------------------------
     async def forward(self, send: Send, t0: float, m: ModelState, path: str, body: bytes, stream: bool,
                       session_id: bytes | None, watch: _Watch, key: PrefixKey | None = None) -> None:
@@ -199,7 +215,8 @@ class Proxy:
             if inst.__class__ is not Inst:
                 tq = perf_counter()
                 try:
-                    inst = await pool.acquire(m, tried, session_id, s.retry_budget_s - (tq - t0), key)
+                    inst = await pool.acquire(m, tried, session_id, s.retry_budget_s - (tq - t0), key,
+                                              s.cold_start_wait_s - (tq - t0))
                 except Overloaded as exc:
                     if relay is not None:
                         return await self.respond(send, t0, m.name, *relay, waited, watch)
@@ -209,7 +226,8 @@ class Proxy:
                     if relay is not None:
                         return await self.respond(send, t0, m.name, *relay, waited, watch)
                     msg = str(exc) + (f" (last failure: {last_problem})" if last_problem else "")
-                    return await self.fail(send, t0, m.name, 503, msg, code="no_healthy_instance")
+                    return await self.fail(send, t0, m.name, 503, msg, code="no_healthy_instance",
+                                           retry_after=exc.retry_after)
                 waited += perf_counter() - tq
             assert isinstance(inst, Inst)
             attempt += 1

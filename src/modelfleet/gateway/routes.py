@@ -62,6 +62,9 @@ class RouteTable:
     replaces: frozenset[str] = frozenset()  # cluster ids an operator accepted this one in place of
     # How each model picks an instance: "p2c" or "prefix"; a model not listed: "p2c".
     routing: dict[str, str] = field(default_factory=dict, compare=False)
+    # Models whose requests wait for an instance when none is ready (one is starting, or can
+    # be started on demand); absent (a controller without the field): held.
+    no_hold: frozenset[str] = field(default_factory=frozenset, compare=False)
 
 
 EMPTY = RouteTable(revision=-1, controller_id="", models={}, key_hashes=frozenset(), payload={})
@@ -192,7 +195,8 @@ def parse_routes(payload: dict[str, Any]) -> RouteTable:
                           auth_required=auth_required, endpoints=endpoints,
                           cluster_id=str(payload.get("cluster_id") or ""),
                           auth=str(payload.get("auth") or ("required" if auth_required else "none")),
-                          replaces=frozenset(str(x) for x in payload.get("replaces") or ()))
+                          replaces=frozenset(str(x) for x in payload.get("replaces") or ()),
+                          no_hold=frozenset(str(m["name"]) for m in payload["models"] if m.get("hold") is False))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed routes payload: {exc!r}") from exc
 

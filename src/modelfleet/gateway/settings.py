@@ -50,6 +50,12 @@ class GatewaySettings:
     # Admission: per-model queue when every instance is at max_concurrency.
     queue_len: int = 100
     queue_wait_s: float = 10.0
+    # Cold start: a request for a model that is listed but has no ready instance (starting,
+    # being replaced, scaled to zero), or that arrives before this gateway's first route
+    # table, is held this long for the first instance to become ready; then 503 + Retry-After.
+    # The bundled models load in seconds on a quiet machine; a large model on a busy one
+    # takes minutes: 120 s covers the first, the flag the second. 0: refuse at once (503).
+    cold_start_wait_s: float = 120.0
     # Session affinity (X-Session-ID) yields when the pinned instance has this many more
     # requests in flight than the least busy one and at least `affinity_ratio` times as many.
     affinity_slack: int = 4

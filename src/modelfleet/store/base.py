@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 from modelfleet.models import (
     ApiKey,
+    AutoscaleStatus,
     Deployment,
     Instance,
     InstanceSpec,
     InstanceStatus,
     Lease,
+    LoadReport,
     WorkerInfo,
     WorkerRecord,
 )
@@ -215,6 +217,23 @@ class Store(abc.ABC):
         atomic write that leaves the rest of the deployment as it is (a concurrent change by
         an operator is never overwritten). No revision bump: routing does not change. False
         when no such deployment exists."""
+
+    @abc.abstractmethod
+    async def set_deployment_scale(self, name: str, replicas: int, status: AutoscaleStatus | None) -> bool:
+        """The autoscaler's write: the deployment's ``replicas`` and ``autoscale_status``, in
+        one atomic write that leaves every other field as it is (an operator's concurrent
+        change of anything else is kept). No revision bump: routing does not change until
+        the reconciler acts. False when no such deployment exists."""
+
+    # -- load reports (autoscaling) ------------------------------------------------------
+    @abc.abstractmethod
+    async def put_load_report(self, report: LoadReport, ttl: float) -> None:
+        """Upsert ``report`` by its source; it expires ``ttl`` seconds after now, by the
+        store's clock. Expired reports may be deleted in the same write."""
+
+    @abc.abstractmethod
+    async def list_load_reports(self) -> list[LoadReport]:
+        """Every unexpired report, each with ``expires_in`` against the store's clock."""
 
     # -- leases --------------------------------------------------------------------
     @abc.abstractmethod

@@ -12,11 +12,13 @@ from dataclasses import replace
 
 from modelfleet.models import (
     ApiKey,
+    AutoscaleStatus,
     Deployment,
     Instance,
     InstanceSpec,
     InstanceStatus,
     Lease,
+    LoadReport,
     WorkerInfo,
     WorkerRecord,
 )
@@ -43,6 +45,7 @@ class MemoryStore(Store):
         self._deployments: dict[str, Deployment] = {}
         self._leases: dict[str, tuple[str, int, float]] = {}  # name -> (holder, token, expires_at)
         self._keys: dict[str, ApiKey] = {}
+        self._loads: dict[str, tuple[LoadReport, float]] = {}  # source -> (report, expires_at)
         # Liveness clock at each worker's last heartbeat: store time minus time paused before it.
         self._live_at: dict[str, float] = {}
         self._paused = 0.0
@@ -234,6 +237,23 @@ class MemoryStore(Store):
             return False
         self._deployments[name] = d.model_copy(update={"error": error})
         return True
+
+    async def set_deployment_scale(self, name: str, replicas: int, status: AutoscaleStatus | None) -> bool:
+        d = self._deployments.get(name)
+        if d is None:
+            return False
+        self._deployments[name] = d.model_copy(update={"replicas": replicas, "autoscale_status": status})
+        return True
+
+    # -- load reports
+    async def put_load_report(self, report: LoadReport, ttl: float) -> None:
+        now = time.time()
+        self._loads = {k: v for k, v in self._loads.items() if v[1] > now}
+        self._loads[report.source] = (report.model_copy(update={"expires_in": 0.0}), now + ttl)
+
+    async def list_load_reports(self) -> list[LoadReport]:
+        now = time.time()
+        return [r.model_copy(update={"expires_in": exp - now}) for r, exp in self._loads.values() if exp > now]
 
     # -- leases
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:

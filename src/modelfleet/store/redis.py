@@ -29,6 +29,12 @@ single Redis, not Redis Cluster):
   P:byworker:<wid>    set   ids of the instances whose worker_id is <wid>
   P:deps / depc / depu  hashes  deployment name -> body JSON / created_at / updated_at
   P:depe              hash  deployment name -> why the reconciler cannot act on it (absent: fine)
+  P:depa              hash  deployment name -> {"replicas", "autoscale_status"} JSON, the
+                      autoscaler's write, laid over the body on read (so the body is never
+                      re-encoded by Lua's cjson); a put or delete of the deployment drops it
+  P:load              hash  gateway source -> load report JSON
+  P:loadexp           zset  gateway source scored by the store time its report expires at
+                      (Redis TIME + ttl): read takes scores above TIME, writes drop the rest
   P:lease:<name>      hash  holder, token, exp (never expires in Redis: the token must survive)
   P:keys / keyc       hashes  api key id -> {id, name, secret_hash} JSON / created_at
   P:keyrev            set   revoked api key ids
@@ -50,12 +56,14 @@ from redis.backoff import NoBackoff
 
 from modelfleet.models import (
     ApiKey,
+    AutoscaleStatus,
     Deployment,
     Instance,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
     Lease,
+    LoadReport,
     WorkerInfo,
     WorkerRecord,
 )
@@ -284,6 +292,7 @@ redis.call('HSETNX', P .. ':depc', name, ts)
 redis.call('HSET', P .. ':depu', name, ts)
 redis.call('HSET', P .. ':deps', name, ARGV[3])
 redis.call('HDEL', P .. ':depe', name)
+redis.call('HDEL', P .. ':depa', name)
 redis.call('INCR', P .. ':rev')
 return {redis.call('HGET', P .. ':depc', name), ts}
 """
@@ -294,8 +303,42 @@ if redis.call('HDEL', P .. ':deps', name) == 0 then return 0 end
 redis.call('HDEL', P .. ':depc', name)
 redis.call('HDEL', P .. ':depu', name)
 redis.call('HDEL', P .. ':depe', name)
+redis.call('HDEL', P .. ':depa', name)
 redis.call('INCR', P .. ':rev')
 return 1
+"""
+
+_SET_DEPLOYMENT_SCALE = """
+local name = ARGV[2]
+if redis.call('HEXISTS', P .. ':deps', name) == 0 then return 0 end
+redis.call('HSET', P .. ':depa', name, ARGV[3])
+return 1
+"""
+
+_PUT_LOAD_REPORT = """
+local t = now()
+redis.call('HSET', P .. ':load', ARGV[2], ARGV[3])
+redis.call('ZADD', P .. ':loadexp', t + tonumber(ARGV[4]), ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', P .. ':loadexp', '-inf', t)
+if #gone > 0 then
+  redis.call('HDEL', P .. ':load', unpack(gone))
+  redis.call('ZREMRANGEBYSCORE', P .. ':loadexp', '-inf', t)
+end
+return 1
+"""
+
+_LIST_LOAD_REPORTS = """
+local t = now()
+local live = redis.call('ZRANGEBYSCORE', P .. ':loadexp', '(' .. fmt(t), '+inf', 'WITHSCORES')
+local out = {}
+for i = 1, #live, 2 do
+  local body = redis.call('HGET', P .. ':load', live[i])
+  if body then
+    out[#out + 1] = body
+    out[#out + 1] = fmt(tonumber(live[i + 1]) - t)
+  end
+end
+return out
 """
 
 _SET_DEPLOYMENT_ERROR = """
@@ -432,6 +475,9 @@ class RedisStore(Store):
                 "put_deployment": _PUT_DEPLOYMENT,
                 "delete_deployment": _DELETE_DEPLOYMENT,
                 "set_deployment_error": _SET_DEPLOYMENT_ERROR,
+                "set_deployment_scale": _SET_DEPLOYMENT_SCALE,
+                "put_load_report": _PUT_LOAD_REPORT,
+                "list_load_reports": _LIST_LOAD_REPORTS,
                 "acquire_lease": _ACQUIRE_LEASE,
                 "release_lease": _RELEASE_LEASE,
                 "get_lease": _GET_LEASE,
@@ -678,24 +724,45 @@ class RedisStore(Store):
                                              "error": None})
 
     @staticmethod
-    def _deployment(body: str, created: str | None, updated: str | None, error: str | None) -> Deployment:
+    def _deployment(body: str, created: str | None, updated: str | None, error: str | None,
+                    scale: str | None = None) -> Deployment:
         doc = orjson.loads(body)
         doc.update(created_at=float(created or 0), updated_at=float(updated or 0), error=error)
+        if scale:
+            doc.update(orjson.loads(scale))
         return Deployment.model_validate(doc)
 
     async def get_deployment(self, name: str) -> Deployment | None:
-        body, created, updated, error = await self._multi(
+        body, created, updated, error, scale = await self._multi(
             lambda p: (p.hget(self._k("deps"), name), p.hget(self._k("depc"), name), p.hget(self._k("depu"), name),
-                       p.hget(self._k("depe"), name))
+                       p.hget(self._k("depe"), name), p.hget(self._k("depa"), name))
         )
-        return self._deployment(body, created, updated, error) if body else None
+        return self._deployment(body, created, updated, error, scale) if body else None
 
     async def list_deployments(self) -> list[Deployment]:
-        bodies, created, updated, errors = await self._multi(
+        bodies, created, updated, errors, scales = await self._multi(
             lambda p: (p.hgetall(self._k("deps")), p.hgetall(self._k("depc")), p.hgetall(self._k("depu")),
-                       p.hgetall(self._k("depe")))
+                       p.hgetall(self._k("depe")), p.hgetall(self._k("depa")))
         )
-        return [self._deployment(bodies[n], created.get(n), updated.get(n), errors.get(n)) for n in sorted(bodies)]
+        return [self._deployment(bodies[n], created.get(n), updated.get(n), errors.get(n), scales.get(n))
+                for n in sorted(bodies)]
+
+    async def set_deployment_scale(self, name: str, replicas: int, status: AutoscaleStatus | None) -> bool:
+        doc = {"replicas": int(replicas), "autoscale_status": status.model_dump() if status is not None else None}
+        return await self._script("set_deployment_scale", name, orjson.dumps(doc).decode(), repeatable=True) == 1
+
+    async def put_load_report(self, report: LoadReport, ttl: float) -> None:
+        body = report.model_dump_json(exclude={"expires_in"})
+        await self._script("put_load_report", report.source, body, repr(float(ttl)), repeatable=True)
+
+    async def list_load_reports(self) -> list[LoadReport]:
+        flat = await self._script("list_load_reports", repeatable=True)
+        out = []
+        for i in range(0, len(flat), 2):
+            doc = orjson.loads(flat[i])
+            doc["expires_in"] = float(flat[i + 1])
+            out.append(LoadReport.model_validate(doc))
+        return out
 
     async def delete_deployment(self, name: str) -> bool:
         return await self._script("delete_deployment", name) == 1

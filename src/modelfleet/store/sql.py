@@ -45,12 +45,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from modelfleet.config import private_dir
 from modelfleet.models import (
     ApiKey,
+    AutoscaleStatus,
     Deployment,
     Instance,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
     Lease,
+    LoadReport,
     WorkerInfo,
     WorkerRecord,
 )
@@ -310,7 +312,19 @@ class SQLStore(Store):
             "keys": "SELECT id, name, secret_hash, created_at, revoked FROM api_keys ORDER BY id",
             "revoke_key": "UPDATE api_keys SET revoked = :revoked WHERE id = :id",
             "schema_version": f"SELECT version_num FROM {VERSION_TABLE}",
+            "load_reports": f"SELECT body, expires_at - {now} AS left_s FROM load_reports WHERE expires_at > {now}",
+            "gc_load_reports": f"DELETE FROM load_reports WHERE expires_at <= {now}",
         }
+        if d == "mysql":
+            s["put_load_report"] = (
+                f"INSERT INTO load_reports (source, body, expires_at) VALUES (:source, :body, {now} + :ttl) "
+                f"ON DUPLICATE KEY UPDATE body = :body, expires_at = {now} + :ttl"
+            )
+        else:
+            s["put_load_report"] = (
+                f"INSERT INTO load_reports (source, body, expires_at) VALUES (:source, :body, {now} + :ttl) "
+                "ON CONFLICT (source) DO UPDATE SET body = excluded.body, expires_at = excluded.expires_at"
+            )
         worker_vals = f"(:id, :name, :address, :port, :labels, :resources, :version, {now}, {now}, 1, {live_now})"
         worker_cols = (
             "(id, name, address, port, labels, resources, version, last_heartbeat, registered_at, beats, live_at)"
@@ -916,6 +930,49 @@ class SQLStore(Store):
             return (await conn.execute(text(sql), {"name": name, "error": error})).rowcount > 0
 
         return await self._run(self._engine, op, write=True, repeatable=True)
+
+    async def set_deployment_scale(self, name: str, replicas: int, status: AutoscaleStatus | None) -> bool:
+        # Like set_deployment_error: one UPDATE of two keys of the JSON body. MariaDB has no
+        # CAST(... AS JSON): there the status goes in as a JSON string (Deployment reads both).
+        raw = status.model_dump_json() if status is not None else None
+        if self.dialect == "postgresql":
+            sql = ("UPDATE deployments SET body = CAST(CAST(body AS jsonb) || jsonb_build_object("
+                   "'replicas', CAST(:replicas AS integer), 'autoscale_status', CAST(:status AS jsonb)) AS json) "
+                   "WHERE name = :name")
+        elif self.dialect == "mysql":
+            sql = ("UPDATE deployments SET body = JSON_SET(body, '$.replicas', :replicas, '$.autoscale_status', "
+                   ":status) WHERE name = :name")
+        else:
+            sql = ("UPDATE deployments SET body = json_set(body, '$.replicas', :replicas, '$.autoscale_status', "
+                   "json(:status)) WHERE name = :name")
+
+        async def op(conn: AsyncConnection) -> bool:
+            params = {"name": name, "replicas": int(replicas), "status": raw}
+            return (await conn.execute(text(sql), params)).rowcount > 0
+
+        return await self._run(self._engine, op, write=True, repeatable=True)
+
+    # -- load reports ----------------------------------------------------------------
+    async def put_load_report(self, report: LoadReport, ttl: float) -> None:
+        params = {"source": report.source, "body": report.model_dump_json(exclude={"expires_in"}), "ttl": float(ttl)}
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(self._sql["put_load_report"], params)
+            await conn.execute(self._sql["gc_load_reports"])
+
+        await self._run(self._engine, op, write=True, repeatable=True)
+
+    async def list_load_reports(self) -> list[LoadReport]:
+        async def op(conn: AsyncConnection) -> list[LoadReport]:
+            rows = (await conn.execute(self._sql["load_reports"])).all()
+            out = []
+            for r in rows:
+                doc = _loads(r.body)
+                doc["expires_in"] = float(r.left_s)
+                out.append(LoadReport.model_validate(doc))
+            return out
+
+        return await self._run(self._reader, op, write=False)
 
     # -- leases --------------------------------------------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:

@@ -60,6 +60,9 @@ class WorkerSettings:
     startup_timeout: float = 600.0
     log_dir: Path | None = None
     models_dir: Path | None = None  # the model cache (remote sources), shared by workers on one machine
+    # On SIGTERM: ready instances are reported draining (gateways stop sending them new
+    # requests) and stopped once every gateway reports them idle, or after this long.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -108,6 +111,9 @@ class WorkerAgent:
         self._known_revision = -1
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(settings.heartbeat_interval))
         self._task: asyncio.Task[None] | None = None
+        self.draining: set[str] | None = None  # instance ids drained before stopping (shutdown)
+        self._drain_revision: int | None = None  # revision of the first heartbeat that said so
+        self._last_reply: dict[str, Any] = {}
 
     @property
     def controller(self) -> str:
@@ -144,6 +150,8 @@ class WorkerAgent:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(Exception):  # a drain that fails must not keep runners alive
+            await self.drain()
         await self.supervisor.stop_all()
         await self.downloads.stop_all()
         await self._client.aclose()
@@ -175,7 +183,49 @@ class WorkerAgent:
 
     def instance_report(self) -> list[dict[str, Any]]:
         declared = {spec.id for spec in self.declared}
-        return [st.model_copy(update={"declared": st.id in declared}).model_dump() for st in self.supervisor.statuses()]
+        out = []
+        for st in self.supervisor.statuses():
+            update: dict[str, Any] = {"declared": st.id in declared}
+            if self.draining is not None and st.id in self.draining:
+                update["state"] = InstanceState.DRAINING  # routed no more (controller/routes.py)
+            out.append(st.model_copy(update=update).model_dump())
+        return out
+
+    async def drain(self) -> None:
+        """Before stopping (SIGTERM): take the ready instances out of rotation and wait until
+        every gateway reports them idle (the controller answers from the load reports), at
+        most ``drain_timeout``. Skipped when nothing is ready, and cut short when no
+        controller answers (gateways cannot learn of it then) or no gateway reports at all
+        (nobody routes here)."""
+        ready = {st.id for st in self.supervisor.statuses() if st.state == InstanceState.READY}
+        if not ready or not self.registered or self.s.drain_timeout <= 0:
+            return
+        self.draining = ready
+        self._sent_generation = -1  # report the draining states now
+        t0 = time.monotonic()
+        log.info("worker %s: draining %d instance(s) before stopping (at most %.0f s)", self.s.name, len(ready),
+                 self.s.drain_timeout)
+        failures = 0
+        outcome = f"drain timeout ({self.s.drain_timeout:.0f} s) reached"
+        while time.monotonic() - t0 < self.s.drain_timeout:
+            if not await self.heartbeat_once():
+                failures += 1
+                if failures >= 2:
+                    outcome = "no controller answers"
+                    break
+            else:
+                failures = 0
+                reply = self._last_reply
+                if self._drain_revision is not None:
+                    if reply.get("gateways") == 0:
+                        outcome = "no gateway reports load"
+                        break
+                    if ready <= set(reply.get("drained") or ()):
+                        outcome = "idle at every gateway"
+                        break
+            await asyncio.sleep(min(0.5, self.s.heartbeat_interval))
+        log.info("worker %s: drained after %.1f s (%s); stopping instances", self.s.name,
+                 time.monotonic() - t0, outcome)
 
     async def _heartbeat_to(self, url: str) -> bool:
         generation = self.supervisor.generation
@@ -185,6 +235,9 @@ class WorkerAgent:
             "instances": self.instance_report() if send_statuses else None,
             "known_revision": self._known_revision,
         }
+        if self.draining is not None and self._drain_revision is not None:
+            body["draining"] = sorted(self.draining)
+            body["drain_revision"] = self._drain_revision
         headers = {"authorization": f"Bearer {self.s.join_token}"} if self.s.join_token else {}
         try:
             r = await self._client.post(f"{url}/v1/cluster/heartbeat", json=body, headers=headers)
@@ -202,6 +255,11 @@ class WorkerAgent:
             WORKER_HEARTBEATS.labels(f"http_{r.status_code}").inc()
             return False
         reply = r.json()
+        self._last_reply = reply
+        if self.draining is not None and send_statuses and self._drain_revision is None:
+            # The statuses saying "draining" landed with this revision: gateways at it or past it
+            # have the instances out of rotation.
+            self._drain_revision = int(reply.get("revision", 0))
         WORKER_HEARTBEATS.labels("ok").inc()
         self.last_ok = time.monotonic()
         if reply.get("registered") and self.registered:
@@ -216,7 +274,7 @@ class WorkerAgent:
         # different value sends the assignments), so a store whose revision went back (restored,
         # or accepted after it lost its state) never leaves this worker on stale assignments.
         self._known_revision = int(reply.get("revision", -1))
-        if reply.get("assignments") is not None:
+        if reply.get("assignments") is not None and self.draining is None:
             self.assigned = [InstanceSpec.model_validate(a) for a in reply["assignments"]]
             await self.supervisor.apply(self.declared + self.assigned)
         return True

@@ -159,7 +159,8 @@ function modelPanel(m, manage, app) {
       badge(`${m.ready} / ${m.replicas} ready`, m.ready >= m.replicas && m.replicas > 0 ? "ok" : m.ready ? "warn" : "bad"),
       m.deployed ? null : h("span", { class: "muted" }, "declared by a worker (no deployment)"),
       h("span", { class: "spacer" }),
-      dep ? scaleControl(m, manage, app) : null,
+      dep && dep.autoscale ? badge(autoscaleText(dep.autoscale), "info", { class: "autoscale" }) : null,
+      dep && !dep.autoscale ? scaleControl(m, manage, app) : null,
       dep ? h("button", {
         class: "danger small", "data-action": "undeploy", disabled: !manage.ok, title: manage.why ?? "Delete the deployment; its instances stop",
         onclick: () => confirm(`Undeploy ${m.name}? Its ${m.instances.length} instance(s) stop.`) &&
@@ -173,7 +174,23 @@ function modelPanel(m, manage, app) {
             m.routing ? `; routing ${m.routing}` : "") + "."
         : "Not in the gateway's route table (no ready instance)." ,
       dep ? ` Deployment: max ${dep.max_concurrency} concurrent per instance, weight ${dep.weight}, placement ${dep.placement.policy}.` : ""),
+    dep && dep.autoscale ? decisionLine(dep) : null,
     m.instances.length ? instancesTable(m, manage, app) : h("p", { class: "empty" }, "No instance."));
+}
+
+/** "1..8 replicas, target 4" (+ ", to zero after 300 s idle"): the deployment's autoscale policy. */
+function autoscaleText(p) {
+  const zero = p.min_replicas === 0 ? `, to zero after ${p.idle_after_s} s idle` : "";
+  return `autoscale ${p.min_replicas}..${p.max_replicas} replicas, target ${p.target_ongoing}${zero}`;
+}
+
+/** Desired vs current replicas and the autoscaler's last decision with its reason. */
+function decisionLine(dep) {
+  const st = dep.autoscale_status;
+  const last = st
+    ? ` Last decision ${seconds(Math.max(0, Date.now() / 1000 - st.at))} ago: ${st.desired} (${st.reason}).`
+    : " No decision yet.";
+  return h("p", { class: "muted autoscale-decision" }, `Desired ${dep.replicas} replica(s).${last}`);
 }
 
 function scaleControl(m, manage, app) {
