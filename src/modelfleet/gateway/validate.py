@@ -45,6 +45,17 @@ class Invalid:
 Check = Callable[[str, Any], "Invalid | None"]  # (param, value) -> None if fine; value is never None
 
 
+def _schema(check: Check, schema: dict[str, Any]) -> Check:
+    """Attach the JSON Schema of what ``check`` accepts: the gateway's OpenAPI document
+    (gateway/openapi.py) is built from these, so it says what this module enforces."""
+    check.schema = schema  # type: ignore[attr-defined]
+    return check
+
+
+def schema_of(check: Check) -> dict[str, Any]:
+    return check.schema  # type: ignore[attr-defined]
+
+
 # -- messages, in OpenAI's words ---------------------------------------------------------------
 def _kind(v: Any) -> str:
     """The JSON name of a value's type, for messages ("expected an integer, but got a string")."""
@@ -103,7 +114,7 @@ def _int(lo: int, hi: int | None = None) -> Check:
             return _out_of_range(param, v, "integer", "<=", hi)
         return None
 
-    return check
+    return _schema(check, {"type": "integer", "minimum": lo, **({} if hi is None else {"maximum": hi})})
 
 
 def _number(lo: float, hi: float) -> Check:
@@ -117,17 +128,19 @@ def _number(lo: float, hi: float) -> Check:
             return _out_of_range(param, v, "decimal", "<=", hi)
         return None
 
-    return check
+    return _schema(check, {"type": "number", "minimum": lo, "maximum": hi})
 
 
-def _of_type(t: type, name: str) -> Check:
+def _of_type(t: type, name: str, json_type: str) -> Check:
     def check(param: str, v: Any) -> Invalid | None:
         return None if type(v) is t else _type_error(param, name, v)
 
-    return check
+    return _schema(check, {"type": json_type})
 
 
-_bool, _str, _object = _of_type(bool, "a boolean"), _of_type(str, "a string"), _of_type(dict, "an object")
+_bool = _of_type(bool, "a boolean", "boolean")
+_str = _of_type(str, "a string", "string")
+_object = _of_type(dict, "an object", "object")
 
 
 def _stop(param: str, v: Any) -> Invalid | None:
@@ -352,8 +365,56 @@ COMPLETIONS_FIELDS: dict[str, Check] = {
     "echo": _bool,
     "suffix": _str,
 }
+
+# -- the JSON Schema of each check (what the OpenAPI document publishes) ---------------------------
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+
+
+def _prompt_schema(max_items: int | None = None) -> dict[str, Any]:
+    most = {} if max_items is None else {"maxItems": max_items}
+    return {
+        "oneOf": [
+            {"type": "string"},
+            {**_STRINGS, "minItems": 1, **most},
+            {**_TOKENS, **most},
+            {"type": "array", "minItems": 1, **most, "items": _TOKENS},
+        ]
+    }
+
+
+_TYPED = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}
+_schema(_stop, {"oneOf": [{"type": "string"}, {**_STRINGS, "maxItems": MAX_STOP}]})
+_schema(_logit_bias, {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
+_schema(_typed_objects, {"type": "array", "items": _TYPED})
+_schema(_typed_object, _TYPED)
+_schema(_str_or_object, {"oneOf": [{"type": "string"}, {"type": "object"}]})
+_schema(_text_or_tokens, _prompt_schema())
+_schema(_encoding_format, {"type": "string", "enum": ["float", "base64"]})
+# Which roles need ``content`` (and ``name``, ``tool_call_id``, ``tool_calls``) is checked by
+# _message; the schema gives only what holds for every role, so that a body the schema calls
+# invalid is always one the gateway refuses.
+_schema(
+    _messages,
+    {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"type": "string", "enum": sorted(ROLES)},
+                "content": {
+                    "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _TYPED}, {"type": "null"}]
+                },
+                "name": {"type": ["string", "null"]},
+            },
+        },
+    },
+)
+
 EMBEDDINGS_FIELDS: dict[str, Check] = {
-    "input": lambda p, v: _text_or_tokens(p, v, MAX_EMBEDDING_INPUTS),
+    "input": _schema(lambda p, v: _text_or_tokens(p, v, MAX_EMBEDDING_INPUTS), _prompt_schema(MAX_EMBEDDING_INPUTS)),
     "encoding_format": _encoding_format,
     "dimensions": _int(1),
     "user": _str,
