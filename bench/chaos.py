@@ -40,8 +40,10 @@ def write_doc(results: list[Result], when: str) -> None:
     text = DOC.read_text()
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    block = f"{BEGIN}\nLast run: {when}, `python bench/chaos.py` on {platform.node() or 'this machine'} " \
-            f"({os.cpu_count()} cores).\n\n{table(results)}\n{END}"
+    block = (
+        f"{BEGIN}\nLast run: {when}, `python bench/chaos.py` on {platform.node() or 'this machine'} "
+        f"({os.cpu_count()} cores).\n\n{table(results)}\n{END}"
+    )
     DOC.write_text(head + block + tail)
 
 
@@ -74,8 +76,13 @@ def main() -> int:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     complete = args.only is None and not args.fast
-    out = {"when": when, "took_s": round(took, 1), "cpus": os.cpu_count(), "complete": complete,
-           "results": [r.row() for r in results]}
+    out = {
+        "when": when,
+        "took_s": round(took, 1),
+        "cpus": os.cpu_count(),
+        "complete": complete,
+        "results": [r.row() for r in results],
+    }
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n{len(results)} scenarios in {took:.0f} s; wrote {RESULTS.relative_to(ROOT)}")
     if not args.no_doc and complete:

@@ -547,6 +547,12 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
 
         return error_response(err.status, err.message, code=err.code)
 
+    @app.post("/v1/cluster/heartbeat")
+    async def heartbeat(body: HeartbeatIn) -> dict[str, Any]:
+        """A worker's heartbeat, with the join token. Served by HeartbeatEndpoint in front of this
+        app, so a call never reaches here: declared for the OpenAPI document (and its fuzzers)."""
+        raise ApiError(500, "heartbeats are served in front of the API app")
+
     # -- health & metrics ---------------------------------------------------------------
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
