@@ -575,24 +575,12 @@ def schemathesis(
     """Runs schemathesis's CLI against a live role. Returns (exit code, test cases sent, the
     tail of its report)."""
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis"
-    cmd = [
-        exe,
-        "run",
-        openapi_url,
-        "--url",
-        base_url,
-        "--checks",
-        SCHEMATHESIS_CHECKS,
-        "--max-examples",
-        str(examples),
-        "--phases",
-        "examples,coverage,fuzzing",
-        "--no-color",
-        "--seed",
-        "1",
-        "--request-timeout",
-        "30",
-    ]
+    report = log.with_suffix(".json")
+    # fmt: off
+    cmd = [exe, "--no-color", "run", openapi_url, "--url", base_url, "--checks", SCHEMATHESIS_CHECKS,
+           "--max-examples", str(examples), "--phases", "examples,coverage,fuzzing", "--seed", "1",
+           "--request-timeout", "30", "--output-sanitize", "false", "--report", "json", "--report-json-path", str(report)]
+    # fmt: on
     for k, v in headers.items():
         cmd += ["--header", f"{k}: {v}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -101,3 +101,15 @@ def test_every_checked_field_is_in_the_document() -> None:
     assert chat_model["properties"]["model"]["enum"] == ["m"]
     embed = doc["paths"][PATHS[EMBEDDINGS]]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "enum" not in embed["properties"]["model"]  # no model serves it: any name (then 404)
+
+
+def test_integers_past_64_bits_are_refused_not_rounded_onto_a_bound() -> None:
+    """Found by schemathesis: orjson parses -(2**63)-1 to the float -2**63, the seed's minimum."""
+    import orjson
+
+    for raw in (b"-9223372036854775809", b"18446744073709551616", b"1e300"):
+        body = orjson.loads(b'{"model": "m", "prompt": "x", "seed": %s, "max_tokens": 4}' % raw)
+        assert check(COMPLETIONS, body) is not None, raw
+        body = orjson.loads(b'{"model": "m", "prompt": "x", "max_tokens": %s}' % raw)
+        assert raw.startswith(b"-") or check(COMPLETIONS, body) is not None, raw
+    assert check(COMPLETIONS, {"model": "m", "prompt": "x", "seed": -(2**63), "max_tokens": 16.0}) is None

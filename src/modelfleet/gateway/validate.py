@@ -31,6 +31,7 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function
 MAX_STOP = 4
 MAX_N = 128
 MAX_EMBEDDING_INPUTS = 2048
+EXACT_FLOAT_INT = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,10 @@ def _int(lo: int, hi: int | None = None) -> Check:
         t = type(v)
         # JSON has one number type: 16.0 is an integer to every OpenAI client; true is not.
         if t is not int and not (t is float and v.is_integer()):
+            return _type_error(param, "an integer", v)
+        # An integer past 64 bits parses to a float (orjson), whose rounding can land it on a
+        # bound: -(2**63)-1 reads as -2**63. Past 2**53 a float is no exact integer: refused.
+        if t is float and not -EXACT_FLOAT_INT <= v <= EXACT_FLOAT_INT:
             return _type_error(param, "an integer", v)
         if v < lo:
             return _out_of_range(param, v, "integer", ">=", lo)
