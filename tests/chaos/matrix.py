@@ -535,7 +535,7 @@ def chat_status(gateway: str, key: str | None = None) -> int:
 
 
 # -- fast scenarios: also in `make test` ----------------------------------------------------------
-SCHEMATHESIS_EXAMPLES = 25
+SCHEMATHESIS_EXAMPLES = 25  # per operation; tests/chaos/test_matrix.py uses fewer
 SCHEMATHESIS_CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,negative_data_rejection"
 
 
