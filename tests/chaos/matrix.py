@@ -787,6 +787,13 @@ async def auth(procs: Procs, tmp: Path) -> Result:
         await asyncio.to_thread(call, "GET", url, JOIN if url.startswith(wk) else ADMIN)
         r.sent += 1
     await asyncio.to_thread(call, "GET", f"{gw}/v1/models", kept)
+    # The gateway's OpenAPI document is public, but names the served models only to a key holder.
+    for token, names in ((None, None), ("sk-wrong", None), (kept, ["m"])):
+        doc = (await asyncio.to_thread(call, "GET", f"{gw}/openapi.json", token)).json()
+        body_schema = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+        r.sent += 1
+        if not r.expect(body_schema["schema"]["properties"]["model"].get("enum") == names, f"models shown: {names}"):
+            r.failed += 1
     leaks = scan_for_secrets(seen, secrets)
     r.expect(not leaks, f"secrets in responses: {leaks[:5]}")
     # The one sanctioned exception: the create call's own answer carries the new key once.
