@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up test lint bench clean-venv services deploy-deps image
+.PHONY: install up test lint bench chaos clean-venv services deploy-deps image
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) bash scripts/install.sh
@@ -41,6 +41,10 @@ bench: install services
 	$(BIN)/python bench/runners.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/e2e.py
+
+## The failure matrix against real processes: table, bench/results/chaos.json, docs/reliability.md.
+chaos: install services
+	$(BIN)/python bench/chaos.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -63,8 +63,37 @@ def validation_error(errs: list[Any]) -> ApiError:
     return ApiError(422, msg, param=_field_path(tuple(first.get("loc", ()))), code="invalid_field")
 
 
+# What every operation of a FastAPI app of ours may answer besides its success: documented
+# in its OpenAPI document, so a client (and schemathesis's status-code check) knows it.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {
+        "description": "an error in the OpenAI error body: 400/422 bad input (param names the field), "
+        "401/403 missing or wrong token, 404, 409, 503 store unavailable",
+        "content": {"application/json": {"schema": ERROR_SCHEMA}},
+    }
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, validation included, leaves in the OpenAI error body; 422 names the field."""
+    # Before any route is added: each route's documented responses include these.
+    app.router.responses = {**ERROR_RESPONSES, **(app.router.responses or {})}
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chaos.test_store_outage import stop_together
+from tests.chaos.matrix import stop_together
 from tests.gateway.conftest import ADMIN, Cluster, admin_h
 from tests.gateway.load import chat_body, run_load
 from tests.gateway.test_gw_failures import until

@@ -124,6 +124,13 @@ def test_malformed_heartbeat_names_the_field(ctl):
         f"{ctl}/v1/cluster/heartbeat", content=b"{not json", headers={**join_h(), "content-type": "application/json"}
     )
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    # Exact types: pydantic's lax mode read ``false`` as 0 (a revision, a pid); found by schemathesis.
+    r = httpx.post(f"{ctl}/v1/cluster/heartbeat", json=worker_body(known_revision=False), headers=join_h())
+    assert r.status_code == 422 and r.json()["error"]["param"] == "known_revision", r.text
+    port_as_text = worker_body()
+    port_as_text["worker"]["port"] = "8200"
+    r = httpx.post(f"{ctl}/v1/cluster/heartbeat", json=port_as_text, headers=join_h())
+    assert r.status_code == 422 and r.json()["error"]["param"] == "worker.port", r.text
 
 
 def test_worker_goes_dead_and_routes_follow(ctl):

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfleet import __version__
@@ -476,7 +477,9 @@ class HeartbeatEndpoint:
         check_authorization(authorization, [s.join_token], what="join token", missing_status=403)
         t0 = time.perf_counter()
         try:
-            body = HeartbeatIn.model_validate_json(raw)
+            # Strict: a worker sends exact types (``false`` is no revision or pid; lax pydantic
+            # would read it as 0: found by schemathesis).
+            body = HeartbeatIn.model_validate_json(raw, strict=True)
         except ValidationError as exc:
             raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         if not ctl.ready:
@@ -572,6 +575,12 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
 
         return error_response(err.status, err.message, code=err.code)
 
+    @app.post("/v1/cluster/heartbeat")
+    async def heartbeat(body: HeartbeatIn) -> dict[str, Any]:
+        """A worker's heartbeat, with the join token. Served by HeartbeatEndpoint in front of this
+        app, so a call never reaches here: declared for the OpenAPI document (and its fuzzers)."""
+        raise ApiError(500, "heartbeats are served in front of the API app")
+
     # -- health & metrics ---------------------------------------------------------------
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
@@ -585,7 +594,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
                 "leader": ctl.elector.is_leader, "store": describe_url(s.store_url), "cluster_id": ctl.cluster_id,
                 "store_state_lost": ctl.lost_state is not None}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus text, as documented
     async def metrics() -> Response:
         return metrics_response()
 
@@ -614,7 +623,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
             raise ApiError(404, f"worker {worker_id} not found")
         return worker_view(w, len(await ctl.store.list_instances(worker_id=worker_id)))
 
-    @app.delete("/v1/cluster/workers/{worker_id}")
+    @app.delete("/v1/cluster/workers/{worker_id}", status_code=204)
     async def delete_worker(worker_id: str, request: Request) -> Response:
         admin(request)
         if not await ctl.store.delete_worker(worker_id):
@@ -775,7 +784,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         log.info("deployment %s changed: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
         return d.model_dump()
 
-    @app.delete("/v1/cluster/deployments/{name:path}")
+    @app.delete("/v1/cluster/deployments/{name:path}", status_code=204)
     async def delete_deployment(name: str, request: Request) -> Response:
         admin(request)
         if not await ctl.store.delete_deployment(name):
@@ -798,7 +807,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         return {"data": [r.model_dump() for r in reports], "models": model_loads(reports)}
 
     # -- routes for gateways --------------------------------------------------------------
-    @app.get("/v1/cluster/routes")
+    @app.get("/v1/cluster/routes", responses={304: {"description": "no change since `since` within `wait`"}})
     async def routes(request: Request, since: int = -1, wait: float = Query(0.0, ge=0.0, le=120.0),
                      seen: int = Query(-1, le=MAX_REVISION), cluster: str = "") -> Any:
         """``seen`` and ``cluster``: the revision and cluster identity the gateway serves. A
@@ -873,7 +882,7 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
         admin(request)
         return await ctl.accept_store(replaces)
 
-    @app.delete("/v1/cluster/keys/{key_id}")
+    @app.delete("/v1/cluster/keys/{key_id}", status_code=204)
     async def revoke_key(key_id: str, request: Request) -> Response:
         admin(request)
         if not await ctl.store.revoke_api_key(key_id):

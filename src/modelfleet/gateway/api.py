@@ -28,11 +28,13 @@ from modelfleet.gateway.access import RequestEdge
 from modelfleet.gateway.auth import bearer_token, key_allowed
 from modelfleet.gateway.load_report import LoadReporter
 from modelfleet.gateway.metrics import GatewayMetrics
+from modelfleet.gateway.openapi import document as openapi_document
 from modelfleet.gateway.pool import Pool
 from modelfleet.gateway.proxy import Proxy, Receive, Scope, Send
 from modelfleet.gateway.routes import EMPTY, Grace, RouteTable, RouteWatcher, is_ready, keep_missing, sudden_loss
 from modelfleet.gateway.settings import GatewaySettings
 from modelfleet.gateway.stats import RecentStats
+from modelfleet.gateway.validate import ENDPOINTS
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -249,6 +251,7 @@ class GatewayApp:
             Route("/v1/models", self.models),
             Route("/v1/models/{model:path}", self.model),
             Route("/v1/gateway/status", self.status),
+            Route("/openapi.json", self.openapi),
             Route("/v1/cluster/{path:path}", self.cluster, methods=CLUSTER_METHODS),
             Route("/", self.index),
         ]
@@ -307,6 +310,18 @@ class GatewayApp:
         if name not in self.pool.models:
             return error_json(404, f"the model `{name}` does not exist", code="model_not_found", param="model")
         return json_response(self._model_entry(name))
+
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document of the inference routes. Which models are served is told only
+        to a caller that may use them (as /v1/models); the shapes are public."""
+        by_endpoint: dict[str, list[str]] = {}
+        if self._key_ok(request):
+            for name in self.pool.models:
+                serves = self.table.endpoints.get(name)
+                for endpoint in ENDPOINTS:
+                    if serves is None or endpoint in serves:
+                        by_endpoint.setdefault(endpoint, []).append(name)
+        return json_response(openapi_document(by_endpoint))
 
     def _model_entry(self, name: str) -> dict[str, Any]:
         m = self.pool.models[name]

@@ -31,6 +31,7 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function
 MAX_STOP = 4
 MAX_N = 128
 MAX_EMBEDDING_INPUTS = 2048
+EXACT_FLOAT_INT = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,17 @@ class Invalid:
 
 
 Check = Callable[[str, Any], "Invalid | None"]  # (param, value) -> None if fine; value is never None
+
+
+def _schema(check: Check, schema: dict[str, Any]) -> Check:
+    """Attach the JSON Schema of what ``check`` accepts: the gateway's OpenAPI document
+    (gateway/openapi.py) is built from these, so it says what this module enforces."""
+    check.schema = schema  # type: ignore[attr-defined]
+    return check
+
+
+def schema_of(check: Check) -> dict[str, Any]:
+    return check.schema  # type: ignore[attr-defined]
 
 
 # -- messages, in OpenAI's words ---------------------------------------------------------------
@@ -97,13 +109,17 @@ def _int(lo: int, hi: int | None = None) -> Check:
         # JSON has one number type: 16.0 is an integer to every OpenAI client; true is not.
         if t is not int and not (t is float and v.is_integer()):
             return _type_error(param, "an integer", v)
+        # An integer past 64 bits parses to a float (orjson), whose rounding can land it on a
+        # bound: -(2**63)-1 reads as -2**63. Past 2**53 a float is no exact integer: refused.
+        if t is float and not -EXACT_FLOAT_INT <= v <= EXACT_FLOAT_INT:
+            return _type_error(param, "an integer", v)
         if v < lo:
             return _out_of_range(param, v, "integer", ">=", lo)
         if hi is not None and v > hi:
             return _out_of_range(param, v, "integer", "<=", hi)
         return None
 
-    return check
+    return _schema(check, {"type": "integer", "minimum": lo, **({} if hi is None else {"maximum": hi})})
 
 
 def _number(lo: float, hi: float) -> Check:
@@ -117,17 +133,19 @@ def _number(lo: float, hi: float) -> Check:
             return _out_of_range(param, v, "decimal", "<=", hi)
         return None
 
-    return check
+    return _schema(check, {"type": "number", "minimum": lo, "maximum": hi})
 
 
-def _of_type(t: type, name: str) -> Check:
+def _of_type(t: type, name: str, json_type: str) -> Check:
     def check(param: str, v: Any) -> Invalid | None:
         return None if type(v) is t else _type_error(param, name, v)
 
-    return check
+    return _schema(check, {"type": json_type})
 
 
-_bool, _str, _object = _of_type(bool, "a boolean"), _of_type(str, "a string"), _of_type(dict, "an object")
+_bool = _of_type(bool, "a boolean", "boolean")
+_str = _of_type(str, "a string", "string")
+_object = _of_type(dict, "an object", "object")
 
 
 def _stop(param: str, v: Any) -> Invalid | None:
@@ -352,8 +370,56 @@ COMPLETIONS_FIELDS: dict[str, Check] = {
     "echo": _bool,
     "suffix": _str,
 }
+
+# -- the JSON Schema of each check (what the OpenAPI document publishes) ---------------------------
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+
+
+def _prompt_schema(max_items: int | None = None) -> dict[str, Any]:
+    most = {} if max_items is None else {"maxItems": max_items}
+    return {
+        "oneOf": [
+            {"type": "string"},
+            {**_STRINGS, "minItems": 1, **most},
+            {**_TOKENS, **most},
+            {"type": "array", "minItems": 1, **most, "items": _TOKENS},
+        ]
+    }
+
+
+_TYPED = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}
+_schema(_stop, {"oneOf": [{"type": "string"}, {**_STRINGS, "maxItems": MAX_STOP}]})
+_schema(_logit_bias, {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
+_schema(_typed_objects, {"type": "array", "items": _TYPED})
+_schema(_typed_object, _TYPED)
+_schema(_str_or_object, {"oneOf": [{"type": "string"}, {"type": "object"}]})
+_schema(_text_or_tokens, _prompt_schema())
+_schema(_encoding_format, {"type": "string", "enum": ["float", "base64"]})
+# Which roles need ``content`` (and ``name``, ``tool_call_id``, ``tool_calls``) is checked by
+# _message; the schema gives only what holds for every role, so that a body the schema calls
+# invalid is always one the gateway refuses.
+_schema(
+    _messages,
+    {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"type": "string", "enum": sorted(ROLES)},
+                "content": {
+                    "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _TYPED}, {"type": "null"}]
+                },
+                "name": {"type": ["string", "null"]},
+            },
+        },
+    },
+)
+
 EMBEDDINGS_FIELDS: dict[str, Check] = {
-    "input": lambda p, v: _text_or_tokens(p, v, MAX_EMBEDDING_INPUTS),
+    "input": _schema(lambda p, v: _text_or_tokens(p, v, MAX_EMBEDDING_INPUTS), _prompt_schema(MAX_EMBEDDING_INPUTS)),
     "encoding_format": _encoding_format,
     "dimensions": _int(1),
     "user": _str,

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from modelfleet import __version__
@@ -315,7 +316,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             response.status_code = 503
         return {"ready": agent.registered, "controller": agent.controller, "worker": settings.name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus text, as documented
     async def metrics() -> Response:
         return metrics_response()
 
