@@ -82,3 +82,11 @@ def test_policy_validated_owned_by_the_autoscaler_and_shown(procs: Procs, tmp_pa
         return 'modelfleet_model_desired_replicas{model="m"} 2.0' in text and "modelfleet_model_load{" in text
 
     wait_for(metric, 15, what="desired replicas and load in the metrics")
+
+    # A gateway's load report takes exact types: `false` is not a number of seconds.
+    loads = f"{ctl}/v1/cluster/load"
+    report = {"source": "gw#0", "revision": 1, "models": {"m": {"in_flight": 1, "queued": 0}}, "instances": {}}
+    assert httpx.post(loads, json=report, headers=H, timeout=10).status_code == 204
+    for bad in ({"expires_in": False}, {"revision": "1"}, {"models": {"m": {"in_flight": True}}}):
+        r = httpx.post(loads, json={**report, **bad}, headers=H, timeout=10)
+        assert r.status_code == 422, (bad, r.text)

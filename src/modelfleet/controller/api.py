@@ -797,6 +797,13 @@ def create_app(settings: ControllerSettings, store: Store | None = None) -> Hear
     async def load_report(body: LoadReport, request: Request) -> Response:
         """A gateway's per-model load, every second; kept in the store for load_report_ttl."""
         cluster_read(request)
+        try:
+            # Strict, like the heartbeat: a gateway sends exact types (lax pydantic would read
+            # ``"expires_in": false`` as 0: found by schemathesis). ``body`` is the documented
+            # schema and the lax first pass.
+            body = LoadReport.model_validate_json(await request.body(), strict=True)
+        except ValidationError as exc:
+            raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         await ctl.store.put_load_report(body, s.load_report_ttl)
         return Response(status_code=204)
 
