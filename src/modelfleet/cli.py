@@ -260,7 +260,7 @@ def gateway(
     eject_after: Annotated[int, typer.Option(envvar="MODELFLEET_EJECT_AFTER")] = 3,
     eject_cooldown: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_S")] = 10.0,
     queue_len: Annotated[int, typer.Option(envvar="MODELFLEET_QUEUE_LEN")] = 100,
-    queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 10.0,
+    queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 60.0,
     processes: Annotated[int, typer.Option(envvar="MODELFLEET_PROCESSES", help="Processes sharing the port.")] = 1,
     connect_timeout: Annotated[float, typer.Option(envvar="MODELFLEET_CONNECT_TIMEOUT_S")] = 2.0,
     header_timeout: Annotated[

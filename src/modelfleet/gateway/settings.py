@@ -49,7 +49,9 @@ class GatewaySettings:
     eject_cooldown_max_s: float = 300.0
     # Admission: per-model queue when every instance is at max_concurrency.
     queue_len: int = 100
-    queue_wait_s: float = 10.0
+    # Long enough that a burst one replica absorbs within a minute waits instead of failing
+    # (a 12-request batch on one 8-slot llama-server replica of the bundled model).
+    queue_wait_s: float = 60.0
     # Session affinity (X-Session-ID) yields when the pinned instance has this many more
     # requests in flight than the least busy one and at least `affinity_ratio` times as many.
     affinity_slack: int = 4

@@ -38,6 +38,7 @@ from modelfleet.sources import SourceError, canonical_source, is_remote, parse_s
 from modelfleet.worker.downloads import DownloadManager, FetchFailed
 from modelfleet.worker.modelspec import parse_model_flag
 from modelfleet.worker.resources import collect_resources
+from modelfleet.worker.slots import SlotScraper
 from modelfleet.worker.supervisor import Supervisor
 
 log = logging.getLogger("modelfleet.worker")
@@ -107,6 +108,7 @@ class WorkerAgent:
         self._known_revision = -1
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(settings.heartbeat_interval))
         self._task: asyncio.Task[None] | None = None
+        self.slots = SlotScraper(timeout=min(1.5, settings.heartbeat_interval))
 
     @property
     def controller(self) -> str:
@@ -122,6 +124,7 @@ class WorkerAgent:
         resources.cached_models = self.downloads.held()
         resources.downloads = self.downloads.progress()
         resources.disk_free = self.downloads.disk_free()
+        resources.slots = list(self.slots.latest.values())
         return WorkerInfo(
             id=self.s.name, name=self.s.name, address=self.s.address, port=self.s.port,
             labels=self.s.labels, resources=resources, version=__version__,
@@ -146,10 +149,13 @@ class WorkerAgent:
         await self.supervisor.stop_all()
         await self.downloads.stop_all()
         await self._client.aclose()
+        await self.slots.aclose()
 
     async def heartbeat_loop(self) -> None:
         while True:
             started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.slots.scrape(self.supervisor.slot_targets())
             with contextlib.suppress(Exception):
                 await self.heartbeat_once()
             WORKER_INSTANCES.clear()

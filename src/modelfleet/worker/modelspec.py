@@ -32,10 +32,10 @@ from modelfleet.sources import SourceError, canonical_source, parse_source
 # Same rule as Deployment.name, so a declared model can also be deployed under its name.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
-KNOWN_BACKENDS = ("llama.cpp", "sentence-transformers", "transformers", "vllm", "openai")
+KNOWN_BACKENDS = ("llama.cpp", "llama-cpp-python", "sentence-transformers", "transformers", "vllm", "openai")
 # Backends whose source is a local path (expanded and made absolute at parse time,
 # because the runner's working directory is not the shell's).
-_PATH_BACKENDS = ("llama.cpp", "sentence-transformers", "transformers")
+_PATH_BACKENDS = ("llama.cpp", "llama-cpp-python", "sentence-transformers", "transformers")
 
 
 def parse_model_flag(value: str, worker_id: str) -> InstanceSpec:
