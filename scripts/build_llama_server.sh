@@ -27,6 +27,7 @@ case "$(uname -m)" in
 esac
 FLAGS="-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_OPENMP=OFF ${DEFAULT_FLAGS} ${MODELFLEET_LLAMA_CMAKE_ARGS:-}"
 STAMP_TEXT="llama-cpp-python=$VERSION flags=$FLAGS"
+if [ "${1:-}" = "--print-path" ]; then echo "$DEST/llama-server"; exit 0; fi
 
 if [ -x "$DEST/llama-server" ] && [ -f "$DEST/stamp" ] && [ "$(cat "$DEST/stamp")" = "$STAMP_TEXT" ]; then
   echo "llama-server $VERSION: already built in $DEST (stamp matches), nothing to do"
