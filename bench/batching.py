@@ -44,8 +44,20 @@ from modelfleet.worker.supervisor import Supervisor
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "batching.json"
 MODEL = "smollm2-135m-instruct"
-SUBJECTS = ["a lighthouse keeper", "a bicycle", "the moon", "a busy market", "a mountain village", "a violin",
-            "a train journey", "a garden in spring", "an old library", "a river", "a chess game", "a storm"]
+SUBJECTS = [
+    "a lighthouse keeper",
+    "a bicycle",
+    "the moon",
+    "a busy market",
+    "a mountain village",
+    "a violin",
+    "a train journey",
+    "a garden in spring",
+    "an old library",
+    "a river",
+    "a chess game",
+    "a storm",
+]
 console = Console()
 
 
@@ -54,16 +66,24 @@ def prompt(i: int) -> str:
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> tuple[int, float | None]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt(i)}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     started = time.perf_counter()
     ttft, tokens = None, 0
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             # Cheap: count chunks that carry content without decoding the JSON.
-            if line.startswith("data: ") and '"content":"' in line.replace('": "', '":"') and \
-                    '"content":""' not in line.replace('": "', '":"'):
+            if (
+                line.startswith("data: ")
+                and '"content":"' in line.replace('": "', '":"')
+                and '"content":""' not in line.replace('": "', '":"')
+            ):
                 tokens += 1
                 if ttft is None:
                     ttft = time.perf_counter() - started
@@ -71,8 +91,9 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, max_tokens: int)
 
 
 async def level(url: str, c: int, rounds: int, max_tokens: int, seq: list[int]) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=600, trust_env=False,
-                                 limits=httpx.Limits(max_connections=c + 2, max_keepalive_connections=c + 2)) as http:
+    async with httpx.AsyncClient(
+        timeout=600, trust_env=False, limits=httpx.Limits(max_connections=c + 2, max_keepalive_connections=c + 2)
+    ) as http:
         await one_stream(http, url, 10_000 + seq[0], 4)  # warm the connection and the server
         seq[0] += 1
         results: list[tuple[int, float | None]] = []
@@ -89,10 +110,16 @@ async def level(url: str, c: int, rounds: int, max_tokens: int, seq: list[int]) 
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     tokens = sum(t for t, _ in results)
     ttfts = sorted(t for _, t in results if t is not None)
-    return {"concurrency": c, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-            "tok_s": round(tokens / wall, 2), "ttft_p50_s": round(pct(ttfts, 50), 4),
-            "ttft_p90_s": round(pct(ttfts, 90), 4),
-            "generator_cpu_s": round((cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime), 3)}
+    return {
+        "concurrency": c,
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 2),
+        "ttft_p50_s": round(pct(ttfts, 50), 4),
+        "ttft_p90_s": round(pct(ttfts, 90), 4),
+        "generator_cpu_s": round((cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime), 3),
+    }
 
 
 def pct(values: list[float], p: int) -> float:
@@ -123,6 +150,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_gateway(work: Path, endpoint: str, slots: int) -> tuple[subprocess.Popen[bytes], str]:
+    """modelfleet's gateway on a route snapshot naming the llama-server instance (no controller)."""
+    port = free_port()
+    snap = work / "routes.json"
+    routes = {
+        "revision": 1,
+        "store_time": time.time(),
+        "controller_id": "bench",
+        "heartbeat_ttl": 6.0,
+        "models": [
+            {
+                "name": MODEL,
+                "instances": [
+                    {
+                        "id": "bench/llama-server",
+                        "worker_id": "bench",
+                        "endpoint": endpoint,
+                        "weight": 100,
+                        "max_concurrency": slots,
+                        "enabled": True,
+                        "state": "ready",
+                    }
+                ],
+            }
+        ],
+        "api_keys": [],
+    }
+    snap.write_text(json.dumps({"fetched_at": time.time(), "routes": routes}))
+    with (work / "gw.log").open("wb") as log:
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modelfleet.gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--snapshot-path",
+                str(snap),
+                "--log-level",
+                "warning",
+                "--controller",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    wait_http(f"http://127.0.0.1:{port}/health/live", 60)
+    return gw, f"http://127.0.0.1:{port}"
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -137,10 +216,17 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mf-bench-batching-"))
     sup = Supervisor(log_dir=work, port_start=random.randrange(20000, 32000, 10), startup_timeout=120)
     params = {"n_threads": a.threads, "n_ctx": 1024}
-    specs = [InstanceSpec(id="bench/llama-server", model=MODEL, backend="llama.cpp", source=MODEL,
-                          max_concurrency=slots, params=params),
-             InstanceSpec(id="bench/llama-cpp-python", model=MODEL, backend="llama-cpp-python", source=MODEL,
-                          params=params)]
+    specs = [
+        InstanceSpec(
+            id="bench/llama-server",
+            model=MODEL,
+            backend="llama.cpp",
+            source=MODEL,
+            max_concurrency=slots,
+            params=params,
+        ),
+        InstanceSpec(id="bench/llama-cpp-python", model=MODEL, backend="llama-cpp-python", source=MODEL, params=params),
+    ]
     load_before = os.getloadavg()
     gw = None
     rows: list[dict[str, Any]] = []
@@ -152,20 +238,12 @@ async def main() -> None:
                 raise SystemExit(f"runners not ready: {[(s.id, s.state, s.last_error) for s in sup.statuses()]}")
             await asyncio.sleep(0.3)
         ep = {s.id: s.endpoint for s in sup.statuses()}
-        gw_port = free_port()
-        snap = work / "routes.json"
-        routes = {"revision": 1, "store_time": time.time(), "controller_id": "bench", "heartbeat_ttl": 6.0,
-                  "models": [{"name": MODEL, "instances": [
-                      {"id": "bench/llama-server", "worker_id": "bench", "endpoint": ep["bench/llama-server"],
-                       "weight": 100, "max_concurrency": slots, "enabled": True, "state": "ready"}]}],
-                  "api_keys": []}
-        snap.write_text(json.dumps({"fetched_at": time.time(), "routes": routes}))
-        gw = subprocess.Popen([sys.executable, "-m", "modelfleet.gateway", "--host", "127.0.0.1", "--port",
-                               str(gw_port), "--snapshot-path", str(snap), "--log-level", "warning",
-                               "--controller", ""], stdout=subprocess.DEVNULL, stderr=open(work / "gw.log", "wb"))
-        wait_http(f"http://127.0.0.1:{gw_port}/health/live", 60)
-        targets = {"llama-server": ep["bench/llama-server"], "gateway": f"http://127.0.0.1:{gw_port}",
-                   "llama-cpp-python": ep["bench/llama-cpp-python"]}
+        gw, gw_url = await asyncio.to_thread(start_gateway, work, ep["bench/llama-server"], slots)
+        targets = {
+            "llama-server": ep["bench/llama-server"],
+            "gateway": gw_url,
+            "llama-cpp-python": ep["bench/llama-cpp-python"],
+        }
         seq = [0]
         for trial in range(a.trials):
             order = list(targets) if trial % 2 == 0 else list(reversed(targets))
@@ -183,8 +261,9 @@ async def main() -> None:
     report(rows, a, levels, load_before)
 
 
-def report(rows: list[dict[str, Any]], a: argparse.Namespace, levels: list[int],
-           load_before: tuple[float, ...]) -> None:
+def report(
+    rows: list[dict[str, Any]], a: argparse.Namespace, levels: list[int], load_before: tuple[float, ...]
+) -> None:
     def med(target: str, c: int, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["target"] == target and r["concurrency"] == c)
 
@@ -197,31 +276,54 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace, levels: list[int],
             cell = {k: med(name, c, k) for k in ("tok_s", "ttft_p50_s", "ttft_p90_s", "generator_cpu_s")}
             summary[f"{name}@{c}"] = cell
             reqs = sum(r["requests"] for r in rows if r["target"] == name and r["concurrency"] == c)
-            table.add_row(name, str(c), f"{cell['tok_s']:.1f}", f"{cell['ttft_p50_s']:.3f}",
-                          f"{cell['ttft_p90_s']:.3f}", str(reqs), f"{cell['generator_cpu_s']:.2f}")
+            table.add_row(
+                name,
+                str(c),
+                f"{cell['tok_s']:.1f}",
+                f"{cell['ttft_p50_s']:.3f}",
+                f"{cell['ttft_p90_s']:.3f}",
+                str(reqs),
+                f"{cell['generator_cpu_s']:.2f}",
+            )
     console.print(table)
     top, low = max(levels), min(levels)
     ratios = {
-        f"llama-server c={top} / llama-cpp-python c={top} tok/s (goal >= 2)":
-            summary[f"llama-server@{top}"]["tok_s"] / summary[f"llama-cpp-python@{top}"]["tok_s"],
-        f"llama-server c={top} / c={low} tok/s (goal >= 1.2)":
-            summary[f"llama-server@{top}"]["tok_s"] / summary[f"llama-server@{low}"]["tok_s"],
-        f"llama-server TTFT p50 c={top} / c={low} (goal <= 10)":
-            summary[f"llama-server@{top}"]["ttft_p50_s"] / summary[f"llama-server@{low}"]["ttft_p50_s"],
-        f"llama-cpp-python TTFT p50 c={top} / c={low}":
-            summary[f"llama-cpp-python@{top}"]["ttft_p50_s"] / summary[f"llama-cpp-python@{low}"]["ttft_p50_s"],
-        **{f"gateway / direct tok/s at c={c} (goal >= 0.97)":
-           summary[f"gateway@{c}"]["tok_s"] / summary[f"llama-server@{c}"]["tok_s"] for c in levels},
+        f"llama-server c={top} / llama-cpp-python c={top} tok/s (goal >= 2)": summary[f"llama-server@{top}"]["tok_s"]
+        / summary[f"llama-cpp-python@{top}"]["tok_s"],
+        f"llama-server c={top} / c={low} tok/s (goal >= 1.2)": summary[f"llama-server@{top}"]["tok_s"]
+        / summary[f"llama-server@{low}"]["tok_s"],
+        f"llama-server TTFT p50 c={top} / c={low} (goal <= 10)": summary[f"llama-server@{top}"]["ttft_p50_s"]
+        / summary[f"llama-server@{low}"]["ttft_p50_s"],
+        f"llama-cpp-python TTFT p50 c={top} / c={low}": summary[f"llama-cpp-python@{top}"]["ttft_p50_s"]
+        / summary[f"llama-cpp-python@{low}"]["ttft_p50_s"],
+        **{
+            f"gateway / direct tok/s at c={c} (goal >= 0.97)": summary[f"gateway@{c}"]["tok_s"]
+            / summary[f"llama-server@{c}"]["tok_s"]
+            for c in levels
+        },
     }
     for k, v in ratios.items():
         console.print(f"{k}: [bold]{v:.2f}[/bold]")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
-        "benchmark": "batching", "args": {k: str(v) for k, v in vars(a).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_before": load_before, "load_after": os.getloadavg()},
-        "summary": summary, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "runs": rows,
-    }, indent=2) + "\n")
+    a.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "batching",
+                "args": {k: str(v) for k, v in vars(a).items()},
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "load_before": load_before,
+                    "load_after": os.getloadavg(),
+                },
+                "summary": summary,
+                "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                "runs": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     console.print(f"wrote {a.out}")
 
 

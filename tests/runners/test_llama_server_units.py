@@ -28,8 +28,9 @@ def fake_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def spec(max_concurrency: int = 4, **params: object) -> InstanceSpec:
-    return InstanceSpec(id="w/chat", model="chat", backend="llama.cpp", source=MODEL,
-                        max_concurrency=max_concurrency, params=params)
+    return InstanceSpec(
+        id="w/chat", model="chat", backend="llama.cpp", source=MODEL, max_concurrency=max_concurrency, params=params
+    )
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -54,9 +55,22 @@ def test_slots_follow_max_concurrency_and_context_is_per_slot(fake_binary: Path)
 
 
 def test_parallel_param_wins_and_flags_pass_through(fake_binary: Path) -> None:
-    launch = prepare_launch(spec(max_concurrency=4, parallel=2, flash_attn=True, cache_prompt=False,
-                                 cont_batching=False, cache_reuse=64, tensor_split=[0.5, 0.5], embedding=True,
-                                 gpus=[1], args=["--seed", 7]), "127.0.0.1", 30002)
+    launch = prepare_launch(
+        spec(
+            max_concurrency=4,
+            parallel=2,
+            flash_attn=True,
+            cache_prompt=False,
+            cont_batching=False,
+            cache_reuse=64,
+            tensor_split=[0.5, 0.5],
+            embedding=True,
+            gpus=[1],
+            args=["--seed", 7],
+        ),
+        "127.0.0.1",
+        30002,
+    )
     argv = launch.argv
     assert flag(argv, "--parallel") == "2" and launch.slots == 2
     assert flag(argv, "--ctx-size") == str(ls.DEFAULT_N_CTX * 2)
@@ -130,8 +144,13 @@ other_metric 7
 
 def test_parse_metrics_keeps_plain_llamacpp_samples() -> None:
     m = parse_metrics(METRICS)
-    assert m == {"prompt_tokens_total": 300.0, "prompt_tokens_cached_total": 100.0, "tokens_predicted_total": 64.0,
-                 "requests_processing": 2.0, "requests_deferred": 3.0}
+    assert m == {
+        "prompt_tokens_total": 300.0,
+        "prompt_tokens_cached_total": 100.0,
+        "tokens_predicted_total": 64.0,
+        "requests_processing": 2.0,
+        "requests_deferred": 3.0,
+    }
 
 
 def test_summarize_counts_busy_slots_queue_and_cache_reuse() -> None:

@@ -30,8 +30,9 @@ MODEL = "smollm2-135m-instruct"
 SLOTS = 8
 
 if find_binary() is None and os.environ.get("CI") != "true":
-    pytest.skip("llama-server is not built: run scripts/build_llama_server.sh (make install does)",
-                allow_module_level=True)
+    pytest.skip(
+        "llama-server is not built: run scripts/build_llama_server.sh (make install does)", allow_module_level=True
+    )
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 
@@ -51,10 +52,17 @@ QUESTIONS = [
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(tmp_path_factory: pytest.TempPathFactory):
-    sup = Supervisor(log_dir=tmp_path_factory.mktemp("llama-server-logs"), port_start=port_start(),
-                     startup_timeout=90, backoff_initial=0.2, health_interval=0.5, stop_grace=5)
+    sup = Supervisor(
+        log_dir=tmp_path_factory.mktemp("llama-server-logs"),
+        port_start=port_start(),
+        startup_timeout=90,
+        backoff_initial=0.2,
+        health_interval=0.5,
+        stop_grace=5,
+    )
     spec = parse_model_flag(MODEL, "w1").model_copy(
-        update={"max_concurrency": SLOTS, "params": {"n_ctx": 1024, "n_threads": 2}})
+        update={"max_concurrency": SLOTS, "params": {"n_ctx": 1024, "n_threads": 2}}
+    )
     assert spec.backend == "llama.cpp"
     await sup.apply([spec])
     await wait_for(sup, spec.id, lambda s: s.state == InstanceState.READY, 90, "ready")
@@ -66,8 +74,13 @@ async def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def client_for(endpoint: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120,
-                              http_client=httpx.AsyncClient(trust_env=False, timeout=120))
+    return openai.AsyncOpenAI(
+        base_url=f"{endpoint}/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=120,
+        http_client=httpx.AsyncClient(trust_env=False, timeout=120),
+    )
 
 
 def endpoint_of(sup: Supervisor, iid: str) -> str:
@@ -96,8 +109,9 @@ async def test_runs_llama_server_with_slots(server) -> None:
 async def test_chat_and_completions(server) -> None:
     sup, spec = server
     client = client_for(endpoint_of(sup, spec.id))
-    r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0][0]}],
-                                             max_tokens=16, temperature=0)
+    r = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0][0]}], max_tokens=16, temperature=0
+    )
     assert "paris" in r.choices[0].message.content.lower()
     assert r.choices[0].finish_reason in ("stop", "length") and r.model == MODEL
     assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 16
@@ -113,8 +127,13 @@ async def test_eight_concurrent_streams_complete_with_their_own_answers(server) 
 
     async def one(question: str) -> tuple[str, str | None, int]:
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0,
-            stream=True, stream_options={"include_usage": True})
+            model=MODEL,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         pieces, finish, tokens = [], None, 0
         async for chunk in stream:
             if chunk.choices:
@@ -158,8 +177,11 @@ async def test_slots_queue_and_cache_metrics_appear(server) -> None:
 
     async def one(i: int) -> None:
         r = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Tell a long story about the number {i}."}],
-            max_tokens=96, temperature=0)
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Tell a long story about the number {i}."}],
+            max_tokens=96,
+            temperature=0,
+        )
         assert r.choices[0].finish_reason in ("stop", "length")
 
     tasks = [asyncio.create_task(one(i)) for i in range(12)]
@@ -187,15 +209,17 @@ async def test_slots_queue_and_cache_metrics_appear(server) -> None:
     long_prompt = "Here is a list of fruits: " + ", ".join(["apple", "banana", "cherry", "grape"] * 40) + "."
     before = (await scraper.scrape(sup.slot_targets()))[0]
     for _ in range(2):
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}],
-                                             max_tokens=4, temperature=0)
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": long_prompt}], max_tokens=4, temperature=0
+        )
     after = (await scraper.scrape(sup.slot_targets()))[0]
     await scraper.aclose()
     assert after.prompt_tokens_cached - before.prompt_tokens_cached > 100, (before, after)
     assert after.cache_reuse is not None and after.cache_reuse > 0
     assert after.generated_tokens > before.generated_tokens
     assert f"modelfleet_worker_runner_prompt_tokens_cached{{{label}}} {float(after.prompt_tokens_cached)}" in (
-        generate_latest().decode())
+        generate_latest().decode()
+    )
 
 
 async def test_crash_is_restarted(server) -> None:
@@ -203,21 +227,24 @@ async def test_crash_is_restarted(server) -> None:
     st = status_of(sup, spec.id)
     assert st is not None and st.restarts == 0 and st.pid is not None
     os.kill(st.pid, signal.SIGKILL)
-    st2 = await wait_for(sup, spec.id, lambda s: s.restarts == 1 and s.state == InstanceState.READY, 60,
-                         "ready after restart")
+    st2 = await wait_for(
+        sup, spec.id, lambda s: s.restarts == 1 and s.state == InstanceState.READY, 60, "ready after restart"
+    )
     assert st2.pid != st.pid and not alive(st.pid)
     assert "runner killed by signal SIGKILL" in (st2.last_error or "")
     assert st2.endpoint == st.endpoint
     r = await client_for(st2.endpoint).chat.completions.create(  # type: ignore[arg-type]
-        model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0][0]}], max_tokens=8, temperature=0)
+        model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0][0]}], max_tokens=8, temperature=0
+    )
     assert "paris" in (r.choices[0].message.content or "").lower()
 
 
 def test_build_is_cached() -> None:
     """A second run of the build script (what every `make install` does) builds nothing."""
     started = time.monotonic()
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_server.sh")], capture_output=True, text=True,
-                       timeout=60, cwd=ROOT)
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_llama_server.sh")], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     took = time.monotonic() - started
     assert r.returncode == 0, r.stdout + r.stderr
     assert "already built" in r.stdout and "nothing to do" in r.stdout, r.stdout

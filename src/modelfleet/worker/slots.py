@@ -32,8 +32,14 @@ from modelfleet.models import InstanceSlots
 
 log = logging.getLogger("modelfleet.worker")
 
-_GAUGES = (WORKER_RUNNER_SLOTS, WORKER_RUNNER_SLOTS_BUSY, WORKER_RUNNER_QUEUE, WORKER_RUNNER_PROMPT_TOKENS,
-           WORKER_RUNNER_PROMPT_TOKENS_CACHED, WORKER_RUNNER_GENERATED_TOKENS)
+_GAUGES = (
+    WORKER_RUNNER_SLOTS,
+    WORKER_RUNNER_SLOTS_BUSY,
+    WORKER_RUNNER_QUEUE,
+    WORKER_RUNNER_PROMPT_TOKENS,
+    WORKER_RUNNER_PROMPT_TOKENS_CACHED,
+    WORKER_RUNNER_GENERATED_TOKENS,
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ def parse_metrics(text: str, prefix: str = "llamacpp:") -> dict[str, float]:
         except ValueError:
             continue
         if math.isfinite(value):
-            out[parts[0][len(prefix):]] = value
+            out[parts[0][len(prefix) :]] = value
     return out
 
 
@@ -108,8 +114,9 @@ class SlotScraper:
 
     async def _one(self, t: Target) -> InstanceSlots:
         try:
-            rs, rm = await asyncio.gather(self._client.get(f"{t.endpoint}/slots"),
-                                          self._client.get(f"{t.endpoint}/metrics"))
+            rs, rm = await asyncio.gather(
+                self._client.get(f"{t.endpoint}/slots"), self._client.get(f"{t.endpoint}/metrics")
+            )
             rs.raise_for_status()
             rm.raise_for_status()
             report = summarize(t, rs.json(), parse_metrics(rm.text))

@@ -69,11 +69,10 @@ BOOL_FLAGS: dict[str, tuple[str, str | None]] = {
     "jinja": ("--jinja", "--no-jinja"),
     "cont_batching": ("--cont-batching", "--no-cont-batching"),
     "cache_prompt": ("", "--no-cache-prompt"),
-    "use_mmap": ("", "--no-mmap"),
-    "use_mlock": ("--mlock", ""),
 }
-KNOWN = frozenset({"n_ctx", "n_threads", "n_threads_batch", "n_gpu_layers", "parallel", "n_parallel",
-                   *FLAGS, *BOOL_FLAGS})
+KNOWN = frozenset(
+    {"n_ctx", "n_threads", "n_threads_batch", "n_gpu_layers", "parallel", "n_parallel", *FLAGS, *BOOL_FLAGS}
+)
 
 
 def default_threads() -> int:
@@ -118,27 +117,49 @@ def launch(spec: InstanceSpec, host: str, port: int) -> Launch:
     params = dict(spec.params)
     unknown = sorted(set(params) - KNOWN - COMMON_PARAMS)
     if unknown:
-        raise LaunchError(f"backend {NAME}: unknown parameter(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(KNOWN))}; anything else goes in args)")
+        raise LaunchError(
+            f"backend {NAME}: unknown parameter(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(KNOWN))}; anything else goes in args)"
+        )
     model_path = resolve_local_source(spec, want="file")
     binary = find_binary()
     if binary is None:
         where = os.environ.get(BINARY_ENV) or str(cache_dir() / LLAMA_VERSION / "llama-server")
-        raise LaunchError(f"backend {NAME} needs llama.cpp's llama-server, not found at {where} nor on PATH: "
-                          "run scripts/build_llama_server.sh (make install does), or use backend llama-cpp-python")
+        raise LaunchError(
+            f"backend {NAME} needs llama.cpp's llama-server, not found at {where} nor on PATH: "
+            "run scripts/build_llama_server.sh (make install does), or use backend llama-cpp-python"
+        )
     slots = slots_for(spec)
     per_slot = as_int(params, "n_ctx", NAME) or DEFAULT_N_CTX
     if per_slot < 16:
         raise LaunchError(f"backend {NAME}: n_ctx (context per slot) must be at least 16, got {per_slot}")
     threads = as_int(params, "n_threads", NAME) or default_threads()
-    argv = [str(binary), "--model", str(model_path), "--alias", spec.model, "--host", host, "--port", str(port),
-            "--parallel", str(slots), "--ctx-size", str(per_slot * slots),
-            "--threads", str(threads),
-            # The server's default batch threads is every core: a runner limited to 2 threads
-            # would still take the whole machine while it reads a prompt.
-            "--threads-batch", str(as_int(params, "n_threads_batch", NAME) or threads),
-            "--n-gpu-layers", str(as_int(params, "n_gpu_layers", NAME) or 0),
-            "--metrics", "--slots", "--no-webui"]
+    argv = [
+        str(binary),
+        "--model",
+        str(model_path),
+        "--alias",
+        spec.model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--parallel",
+        str(slots),
+        "--ctx-size",
+        str(per_slot * slots),
+        "--threads",
+        str(threads),
+        # The server's default batch threads is every core: a runner limited to 2 threads
+        # would still take the whole machine while it reads a prompt.
+        "--threads-batch",
+        str(as_int(params, "n_threads_batch", NAME) or threads),
+        "--n-gpu-layers",
+        str(as_int(params, "n_gpu_layers", NAME) or 0),
+        "--metrics",
+        "--slots",
+        "--no-webui",
+    ]
     if "cont_batching" not in params:
         argv.append("--cont-batching")
     if "cache_reuse" not in params:
