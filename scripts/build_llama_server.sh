@@ -11,6 +11,9 @@
 # build for x86-64-v3 (AVX2, FMA, F16C), which every x86 server of the last ten years runs;
 # override with MODELFLEET_LLAMA_CMAKE_ARGS (e.g. "-DGGML_NATIVE=ON" on bare metal).
 set -euo pipefail
+# The whole script is one block: bash reads it completely before running, so an edit of this
+# file during a long build cannot change what the running build does.
+{
 cd "$(dirname "$0")/.."
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 CACHE=${MODELFLEET_LLAMA_SERVER_CACHE:-$HOME/.cache/modelfleet/llama-server}
@@ -35,8 +38,10 @@ if [ -x "$DEST/llama-server" ] && [ -f "$DEST/stamp" ] && [ "$(cat "$DEST/stamp"
 fi
 
 command -v cmake >/dev/null || { echo "llama-server: cmake is needed (apt-get install cmake)" >&2; exit 1; }
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/llama-server-build.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+# The build folder stays until the binary is installed: an interrupted build resumes there.
+WORK="$CACHE/build-$VERSION"
+mkdir -p "$WORK"
+rm -rf "$WORK/dl"
 echo "==> llama-server $VERSION: fetching the llama-cpp-python sdist (vendors llama.cpp) from the package index"
 SDIST="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
 if [ ! -f "$SDIST" ]; then
@@ -46,8 +51,9 @@ if [ ! -f "$SDIST" ]; then
   mkdir -p "$CACHE/sdist"
   mv "$WORK"/dl/llama_cpp_python-"$VERSION".tar.gz "$SDIST"
 fi
-tar xzf "$SDIST" -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+# Extracted once: extracting again would give every source a new time and rebuild it all.
+[ -f "$SRC/CMakeLists.txt" ] || tar xzf "$SDIST" -C "$WORK"
 [ -f "$SRC/CMakeLists.txt" ] || { echo "llama-server: no vendor/llama.cpp in the sdist" >&2; exit 1; }
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
@@ -65,3 +71,6 @@ install -m 0755 "$BIN" "$DEST/llama-server.tmp"
 mv "$DEST/llama-server.tmp" "$DEST/llama-server"
 printf '%s' "$STAMP_TEXT" >"$DEST/stamp"
 echo "==> llama-server $VERSION: installed $DEST/llama-server"
+rm -rf "$WORK"
+exit 0
+}
