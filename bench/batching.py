@@ -61,6 +61,9 @@ SUBJECTS = [
 console = Console()
 
 
+errors: list[str] = []  # non-200 answers, kept for the report
+
+
 def prompt(i: int) -> str:
     return f"Write a short story about {SUBJECTS[i % len(SUBJECTS)]}, number {i}."
 
@@ -76,7 +79,9 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, max_tokens: int)
     started = time.perf_counter()
     ttft, tokens = None, 0
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            errors.append(f"{r.status_code} {(await r.aread())[:300]!r}")
+            return 0, None
         async for line in r.aiter_lines():
             # Cheap: count chunks that carry content without decoding the JSON.
             if (
@@ -316,7 +321,7 @@ def report(
                     "load_before": load_before,
                     "load_after": os.getloadavg(),
                 },
-                "summary": summary,
+                "summary": summary, "errors": errors,
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "runs": rows,
             },
