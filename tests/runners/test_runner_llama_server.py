@@ -79,7 +79,9 @@ def client_for(endpoint: str) -> openai.AsyncOpenAI:
         api_key="unused",
         max_retries=0,
         timeout=120,
-        http_client=httpx.AsyncClient(trust_env=False, timeout=120),
+        # llama-server closes idle keep-alive connections after 5 s, httpx keeps them 5 s:
+        # drop them earlier, as the gateway's pool does, so no request meets a closing one.
+        http_client=httpx.AsyncClient(trust_env=False, timeout=120, limits=httpx.Limits(keepalive_expiry=2)),
     )
 
 
