@@ -99,7 +99,7 @@ async def level(url: str, c: int, rounds: int, max_tokens: int, seq: list[int]) 
     async with httpx.AsyncClient(
         timeout=600,
         trust_env=False,
-        limits=httpx.Limits(max_connections=c + 2, max_keepalive_connections=c + 2, keepalive_expiry=2),
+        limits=httpx.Limits(max_connections=c + 2, max_keepalive_connections=0),  # see docs/runners.md
     ) as http:
         await one_stream(http, url, 10_000 + seq[0], 4)  # warm the connection and the server
         seq[0] += 1

@@ -81,7 +81,7 @@ def client_for(endpoint: str) -> openai.AsyncOpenAI:
         timeout=120,
         # llama-server closes idle keep-alive connections after 5 s, httpx keeps them 5 s:
         # drop them earlier, as the gateway's pool does, so no request meets a closing one.
-        http_client=httpx.AsyncClient(trust_env=False, timeout=120, limits=httpx.Limits(keepalive_expiry=2)),
+        http_client=httpx.AsyncClient(trust_env=False, timeout=120, limits=httpx.Limits(max_keepalive_connections=0)),
     )
 
 
