@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install up test lint bench chaos clean-venv services deploy-deps image
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/build_llama_server.sh
 	PY=$(PY) bash scripts/install.sh
 	touch $@
 

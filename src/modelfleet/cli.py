@@ -278,7 +278,7 @@ def gateway(
     eject_after: Annotated[int, typer.Option(envvar="MODELFLEET_EJECT_AFTER")] = 3,
     eject_cooldown: Annotated[float, typer.Option(envvar="MODELFLEET_EJECT_COOLDOWN_S")] = 10.0,
     queue_len: Annotated[int, typer.Option(envvar="MODELFLEET_QUEUE_LEN")] = 100,
-    queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 10.0,
+    queue_wait: Annotated[float, typer.Option(envvar="MODELFLEET_QUEUE_WAIT_S")] = 60.0,
     cold_start_wait: Annotated[float, typer.Option(
         envvar="MODELFLEET_COLD_START_WAIT_S",
         help="Hold a request for a model with no ready instance (starting, scaled to zero) this long.")] = 120.0,

@@ -57,3 +57,21 @@ WORKER_DOWNLOADS = Counter("modelfleet_worker_downloads_total", "Model downloads
                            ["result"])  # ok, cached, failed, cancelled
 WORKER_MODEL_CACHE_BYTES = Gauge("modelfleet_worker_model_cache_bytes", "Bytes of complete sources in the model cache")
 WORKER_MODEL_CACHE_SOURCES = Gauge("modelfleet_worker_model_cache_sources", "Complete sources in the model cache")
+
+# llama-server instances' own view of their slots (worker/slots.py), one series per instance
+# while it runs. The token counts are cumulative since the runner's start (the server's
+# counters, mirrored: they restart from 0 with the runner).
+WORKER_RUNNER_SLOTS = Gauge("modelfleet_worker_runner_slots", "Parallel slots of a llama-server instance",
+                            ["instance"])
+WORKER_RUNNER_SLOTS_BUSY = Gauge("modelfleet_worker_runner_slots_busy", "Slots decoding a request now",
+                                 ["instance"])
+WORKER_RUNNER_QUEUE = Gauge("modelfleet_worker_runner_queue",
+                            "Requests waiting inside the server for a free slot (llamacpp:requests_deferred)",
+                            ["instance"])
+WORKER_RUNNER_PROMPT_TOKENS = Gauge("modelfleet_worker_runner_prompt_tokens",
+                                    "Prompt tokens computed since the runner started (cache misses)", ["instance"])
+WORKER_RUNNER_PROMPT_TOKENS_CACHED = Gauge("modelfleet_worker_runner_prompt_tokens_cached",
+                                           "Prompt tokens reused from the prompt cache since the runner started",
+                                           ["instance"])
+WORKER_RUNNER_GENERATED_TOKENS = Gauge("modelfleet_worker_runner_generated_tokens",
+                                       "Tokens generated since the runner started", ["instance"])

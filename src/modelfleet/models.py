@@ -119,6 +119,22 @@ class DownloadProgress(BaseModel):
     path: Source | None = None  # where it lies, once done
 
 
+class InstanceSlots(BaseModel):
+    """A llama-server instance's slots, from its own /slots and /metrics (worker/slots.py).
+
+    ``busy``/``queue`` are now; the token counts are cumulative since the runner started."""
+
+    instance: SafeStr = Field(min_length=1, max_length=ID_MAX_LEN)
+    slots: int = 0  # parallel slots of the server
+    busy: int = 0  # slots decoding a request now
+    queue: int = 0  # requests waiting in the server for a free slot (llamacpp:requests_deferred)
+    prompt_tokens: int = 0  # prompt tokens computed (not from the cache)
+    prompt_tokens_cached: int = 0  # prompt tokens reused from a slot's cache
+    generated_tokens: int = 0
+    cache_reuse: float | None = None  # cached / (cached + computed); None before any prompt
+    error: Annotated[SafeStr | None, _truncate(ERROR_MAX_LEN)] = None  # the last scrape failed: why
+
+
 class Resources(BaseModel):
     cpu_cores: int = 0
     memory_total: int = 0  # bytes
@@ -129,6 +145,8 @@ class Resources(BaseModel):
     cached_models: list[Source] = Field(default_factory=list, max_length=10_000)
     downloads: list[DownloadProgress] = Field(default_factory=list, max_length=1000)
     disk_free: int | None = None
+    # llama-server instances' slots (busy, queue, prompt-cache reuse), scraped every heartbeat.
+    slots: list[InstanceSlots] = Field(default_factory=list, max_length=1000)
 
 
 class InstanceState(enum.StrEnum):

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 HUB_SCHEMES = {"hf": "main", "modelscope": "master"}  # scheme -> default revision
 URL_SCHEMES = ("https", "http")
-GGUF_BACKENDS = ("llama.cpp",)
+GGUF_BACKENDS = ("llama.cpp", "llama-cpp-python")
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _REPO_RE = re.compile(rf"^(?P<org>{_NAME})/(?P<name>{_NAME})(?::(?P<quant>[A-Za-z0-9][A-Za-z0-9_.-]{{0,31}}))?$")

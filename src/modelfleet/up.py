@@ -108,7 +108,8 @@ def ensure_bundled_deployments(controller: str) -> list[str]:
             continue
         r = httpx.post(f"{controller}/v1/cluster/deployments", timeout=10, json={
             "name": m.name, "backend": m.backend, "source": m.name, "replicas": 1,
-            "max_concurrency": 4 if m.kind == "chat" else 8,
+            # The chat model runs on llama-server with one slot per concurrent request.
+            "max_concurrency": 8,
         })
         r.raise_for_status()
         say(f"deployment {m.name}: created ({m.backend})", model=m.name, backend=m.backend)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -156,6 +157,28 @@ def test_up_serves_bundled_models_and_ctrl_c_leaves_nothing(tmp_path):
         assert len(pieces) > 1
         emb = client.embeddings.create(model="all-minilm-l6-v2", input=["a cat", "a dog"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+
+        # A batch of 12 concurrent calls (a LangChain .batch()) on the one chat replica: its 8
+        # llama-server slots take 8, the gateway queues 4; none is refused.
+        def ask(i: int) -> str:
+            r = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=32,
+                                               messages=[{"role": "user", "content": f"Tell me about the number {i}"}])
+            return r.choices[0].finish_reason
+
+        with ThreadPoolExecutor(12) as pool:
+            finishes = list(pool.map(ask, range(12)))
+        assert all(f in ("stop", "length") for f in finishes), finishes
+        # The worker scrapes llama-server's slots and exports them.
+        worker_metrics = ""
+        deadline = time.monotonic() + 30
+        while "modelfleet_worker_runner_slots{" not in worker_metrics and time.monotonic() < deadline:
+            time.sleep(0.5)
+            worker_metrics = httpx.get(f"http://127.0.0.1:{up.ports['worker']}/metrics", timeout=10).text
+        slot_lines = [line for line in worker_metrics.splitlines() if line.startswith("modelfleet_worker_runner_")]
+        assert any(line.startswith("modelfleet_worker_runner_slots{") and line.endswith(" 8.0")
+                   for line in slot_lines), slot_lines
+        for name in ("slots_busy", "queue", "prompt_tokens_cached", "generated_tokens"):
+            assert any(line.startswith(f"modelfleet_worker_runner_{name}{{") for line in slot_lines), slot_lines
 
         # The curl line works as printed.
         curl = next(line.strip() for line in up.lines if line.strip().startswith("curl "))

@@ -22,8 +22,8 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def test_llama_cpp_command_line() -> None:
-    s = spec("llama.cpp", "smollm2-135m-instruct", model="chat", n_ctx=4096, n_threads=3, n_gpu_layers=-1,
+def test_llama_cpp_python_command_line() -> None:
+    s = spec("llama-cpp-python", "smollm2-135m-instruct", model="chat", n_ctx=4096, n_threads=3, n_gpu_layers=-1,
              flash_attn=True, tensor_split=[0.5, 0.5], chat_template_kwargs={"x": 1}, gpus=[1, 2],
              memory=1000, gpu_memory=2000, args=["--seed", 7])
     launch = prepare_launch(s, "0.0.0.0", 30001)
@@ -48,8 +48,8 @@ def test_llama_cpp_command_line() -> None:
     assert (launch.ready_path, launch.live_path) == ("/v1/models", "/openapi.json")
 
 
-def test_llama_cpp_defaults_and_estimates() -> None:
-    launch = prepare_launch(spec("llama.cpp", "smollm2-135m-instruct"), "127.0.0.1", 30000)
+def test_llama_cpp_python_defaults_and_estimates() -> None:
+    launch = prepare_launch(spec("llama-cpp-python", "smollm2-135m-instruct"), "127.0.0.1", 30000)
     assert flag(launch.argv, "--n_ctx") == "2048" and flag(launch.argv, "--n_gpu_layers") == "0"
     # Undeclared memory: the weights' size on disk.
     assert launch.memory == BUNDLED["smollm2-135m-instruct"].path().stat().st_size
@@ -60,10 +60,11 @@ def test_llama_cpp_defaults_and_estimates() -> None:
     ("s", "message"),
     [
         (spec("llama.cpp", "/no/such/model.gguf"), "model path does not exist: /no/such/model.gguf"),
-        (spec("llama.cpp", "smollm2-135m-instruct", parallel=2), "serves one request at a time"),
-        (spec("llama.cpp", "smollm2-135m-instruct", parallel=2, n_parallel=3), "disagree"),
-        (spec("llama.cpp", "smollm2-135m-instruct", n_ctx="lots"), "n_ctx must be an integer"),
-        (spec("llama.cpp", "smollm2-135m-instruct", gpus="all"), "gpus must be a count or a list"),
+        (spec("llama-cpp-python", "/no/such/model.gguf"), "model path does not exist: /no/such/model.gguf"),
+        (spec("llama-cpp-python", "smollm2-135m-instruct", parallel=2), "serves one request at a time"),
+        (spec("llama-cpp-python", "smollm2-135m-instruct", parallel=2, n_parallel=3), "disagree"),
+        (spec("llama-cpp-python", "smollm2-135m-instruct", n_ctx="lots"), "n_ctx must be an integer"),
+        (spec("llama-cpp-python", "smollm2-135m-instruct", gpus="all"), "gpus must be a count or a list"),
         (spec("sentence-transformers", "all-minilm-l6-v2", n_ctx=5), "unknown parameter(s) n_ctx"),
         (spec("sentence-transformers", str(Path(__file__))), "not a folder"),
         (spec("transformers", str(Path(__file__).parent)), "has no config.json"),
@@ -80,8 +81,9 @@ def test_refusals_name_the_problem(s: InstanceSpec, message: str | None) -> None
 
 
 def test_llama_file_must_be_a_file(tmp_path: Path) -> None:
-    with pytest.raises(LaunchError, match="not a file"):
-        prepare_launch(spec("llama.cpp", str(tmp_path)), "127.0.0.1", 30000)
+    for backend in ("llama.cpp", "llama-cpp-python"):
+        with pytest.raises(LaunchError, match="not a file"):
+            prepare_launch(spec(backend, str(tmp_path)), "127.0.0.1", 30000)
 
 
 def test_sentence_transformers_command_line() -> None:
@@ -133,7 +135,7 @@ def test_vllm_runs_with_the_interpreter_named_by_modelfleet_vllm_python(monkeypa
 
 
 def test_openai_attach_is_a_url_not_a_process() -> None:
-    assert not uses_process("openai") and uses_process("llama.cpp")
+    assert not uses_process("openai") and uses_process("llama.cpp") and uses_process("llama-cpp-python")
     launch = prepare_launch(spec("openai", "http://10.0.0.7:8000/v1/"), "127.0.0.1", 0)
     assert launch.argv is None and launch.url == "http://10.0.0.7:8000"
     assert base_url("https://api.example.com") == "https://api.example.com"

@@ -16,6 +16,7 @@ def test_bundled_names_need_nothing_more() -> None:
     e = parse_model_flag("all-minilm-l6-v2", "w1")
     assert (e.backend, e.source) == ("sentence-transformers", "all-minilm-l6-v2")
     assert parse_model_flag("smollm2-135m-instruct=llama.cpp", "w1").source == "smollm2-135m-instruct"
+    assert parse_model_flag("smollm2-135m-instruct=llama-cpp-python", "w1").source == "smollm2-135m-instruct"
 
 
 def test_backend_and_path() -> None:

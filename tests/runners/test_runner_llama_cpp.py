@@ -1,4 +1,5 @@
-"""The bundled SmolLM2 through the llama.cpp backend, over real HTTP with the official
+"""The bundled SmolLM2 through the llama-cpp-python backend (llama-cpp-python's own server;
+the llama.cpp backend, llama-server, is in test_runner_llama_server.py), over real HTTP with the official
 openai client; then a crash (kill -9) and restart, an attached URL, and a clean stop.
 One runner is shared by the module (a model load per test would blow the time budget)."""
 
@@ -32,7 +33,8 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer i
 async def llama(tmp_path_factory: pytest.TempPathFactory):
     sup = Supervisor(log_dir=tmp_path_factory.mktemp("llama-logs"), port_start=port_start(), startup_timeout=90,
                      backoff_initial=0.2, health_interval=0.5, stop_grace=5)
-    spec = parse_model_flag(MODEL, "w1").model_copy(update={"params": {"n_ctx": 1024, "n_threads": 2}})
+    spec = parse_model_flag(f"{MODEL}=llama-cpp-python", "w1").model_copy(
+        update={"params": {"n_ctx": 1024, "n_threads": 2}})
     await sup.apply([spec])
     st = await wait_for(sup, spec.id, lambda s: s.state == InstanceState.READY, 90, "ready")
     yield sup, spec
@@ -52,7 +54,7 @@ async def test_status_and_launch(llama) -> None:
     sup, spec = llama
     st = status_of(sup, spec.id)
     assert st is not None and st.state == InstanceState.READY and alive(st.pid)
-    assert (st.model, st.backend, st.source) == (MODEL, "llama.cpp", MODEL)
+    assert (st.model, st.backend, st.source) == (MODEL, "llama-cpp-python", MODEL)
     argv = sup.describe(spec.id)["argv"]
     assert argv[argv.index("--model_alias") + 1] == MODEL
     assert argv[argv.index("--interrupt_requests") + 1] == "false"

@@ -162,7 +162,7 @@ async def test_vllm_missing_fails_with_exact_message(sup: Supervisor) -> None:
 
 
 async def test_bad_params_fail_clearly(sup: Supervisor) -> None:
-    spec = InstanceSpec(id="w1/p", model="smollm2-135m-instruct", backend="llama.cpp",
+    spec = InstanceSpec(id="w1/p", model="smollm2-135m-instruct", backend="llama-cpp-python",
                         source="smollm2-135m-instruct", params={"n_parallel": 4})
     bogus = InstanceSpec(id="w1/q", model="smollm2-135m-instruct", backend="llama.cpp",
                          source="smollm2-135m-instruct", params={"no_such_flag": 1})

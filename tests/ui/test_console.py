@@ -51,6 +51,12 @@ def test_workers_page_shows_resources_and_instances(page, cluster: UpCluster, sh
     assert "cores" in text
     for model in (CHAT_MODEL, EMBED_MODEL):
         assert model in text
+    # The chat model's llama-server reports its slots (busy / total) and queue; the
+    # embeddings runner has none.
+    busy = panel.locator(".slots-busy")
+    busy.first.wait_for()
+    assert busy.count() == 1 and busy.first.inner_text() == "0 / 8"
+    assert panel.locator(".slots-queue").first.inner_text() == "0"
     shot(page, "workers")
 
 

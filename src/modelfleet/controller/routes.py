@@ -19,7 +19,7 @@ def model_endpoints(backend: str, params: dict[str, Any]) -> list[str] | None:
     through and the server answers for itself. The gateway refuses the others with 400."""
     if backend == "sentence-transformers":
         return ["embeddings"]
-    if backend == "llama.cpp":
+    if backend in ("llama.cpp", "llama-cpp-python"):
         # llama.cpp embeds only when started for it (the `embedding`/`embeddings` flag).
         embeds = any(params.get(k) in (True, "true", "True", 1) for k in ("embedding", "embeddings"))
         return [*CHAT_AND_COMPLETIONS, "embeddings"] if embeds else list(CHAT_AND_COMPLETIONS)

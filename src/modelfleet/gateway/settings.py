@@ -49,7 +49,9 @@ class GatewaySettings:
     eject_cooldown_max_s: float = 300.0
     # Admission: per-model queue when every instance is at max_concurrency.
     queue_len: int = 100
-    queue_wait_s: float = 10.0
+    # Long enough that a burst one replica absorbs within a minute waits instead of failing
+    # (a 12-request batch on one 8-slot llama-server replica of the bundled model).
+    queue_wait_s: float = 60.0
     # Cold start: a request for a model that is listed but has no ready instance (starting,
     # being replaced, scaled to zero), or that arrives before this gateway's first route
     # table, is held this long for the first instance to become ready; then 503 + Retry-After.

@@ -23,7 +23,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
-IDLE_CLOSE_S = 30.0  # close pooled connections unused for this long
+# Close pooled connections unused for this long: under llama-server's own idle limit (its
+# HTTP library, cpp-httplib, closes a keep-alive connection after 5 s), so the pool never
+# sends a request on a connection the server is closing at that moment.
+IDLE_CLOSE_S = 4.0
 MAX_BUFFER = 1 << 20  # stop reading from an instance while this much waits for a slow client
 
 Endpoint = tuple[str, int, bool]  # host, port, TLS

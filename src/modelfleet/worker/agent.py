@@ -40,6 +40,7 @@ from modelfleet.sources import SourceError, canonical_source, is_remote, parse_s
 from modelfleet.worker.downloads import DownloadManager, FetchFailed
 from modelfleet.worker.modelspec import parse_model_flag
 from modelfleet.worker.resources import collect_resources
+from modelfleet.worker.slots import SlotScraper
 from modelfleet.worker.supervisor import Supervisor
 
 log = logging.getLogger("modelfleet.worker")
@@ -115,6 +116,7 @@ class WorkerAgent:
         self.draining: set[str] | None = None  # instance ids drained before stopping (shutdown)
         self._drain_revision: int | None = None  # revision of the first heartbeat that said so
         self._last_reply: dict[str, Any] = {}
+        self.slots = SlotScraper(timeout=min(1.5, settings.heartbeat_interval))
 
     @property
     def controller(self) -> str:
@@ -130,6 +132,7 @@ class WorkerAgent:
         resources.cached_models = self.downloads.held()
         resources.downloads = self.downloads.progress()
         resources.disk_free = self.downloads.disk_free()
+        resources.slots = list(self.slots.latest.values())
         return WorkerInfo(
             id=self.s.name, name=self.s.name, address=self.s.address, port=self.s.port,
             labels=self.s.labels, resources=resources, version=__version__,
@@ -156,10 +159,13 @@ class WorkerAgent:
         await self.supervisor.stop_all()
         await self.downloads.stop_all()
         await self._client.aclose()
+        await self.slots.aclose()
 
     async def heartbeat_loop(self) -> None:
         while True:
             started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.slots.scrape(self.supervisor.slot_targets())
             with contextlib.suppress(Exception):
                 await self.heartbeat_once()
             WORKER_INSTANCES.clear()

@@ -27,15 +27,15 @@ from pathlib import Path
 from modelfleet.bundled import BUNDLED
 from modelfleet.catalog import CatalogError, load_catalog
 from modelfleet.models import InstanceSpec
-from modelfleet.sources import SourceError, canonical_source, parse_source
+from modelfleet.sources import GGUF_BACKENDS, SourceError, canonical_source, parse_source
 
 # Same rule as Deployment.name, so a declared model can also be deployed under its name.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
-KNOWN_BACKENDS = ("llama.cpp", "sentence-transformers", "transformers", "vllm", "openai")
+KNOWN_BACKENDS = ("llama.cpp", "llama-cpp-python", "sentence-transformers", "transformers", "vllm", "openai")
 # Backends whose source is a local path (expanded and made absolute at parse time,
 # because the runner's working directory is not the shell's).
-_PATH_BACKENDS = ("llama.cpp", "sentence-transformers", "transformers")
+_PATH_BACKENDS = ("llama.cpp", "llama-cpp-python", "sentence-transformers", "transformers")
 
 
 def parse_model_flag(value: str, worker_id: str) -> InstanceSpec:
@@ -76,7 +76,9 @@ def parse_model_flag(value: str, worker_id: str) -> InstanceSpec:
             )
         if not source:
             # NAME=BACKEND is enough for a bundled model served by its own backend.
-            if bundled is not None and bundled.backend == backend:
+            # The bundled GGUF also runs on llama-cpp-python's server (backend llama-cpp-python).
+            if bundled is not None and (bundled.backend == backend
+                                        or {bundled.backend, backend} <= set(GGUF_BACKENDS)):
                 source = bundled.name
             else:
                 raise ValueError(f"--model {value!r}: missing source after {backend}: (a path or URL)")

@@ -56,6 +56,7 @@ from modelfleet.models import InstanceSpec, InstanceState, InstanceStatus
 from modelfleet.procutil import with_parent_death_signal
 from modelfleet.sources import is_remote
 from modelfleet.worker.runners import ATTACHED, Launch, LaunchError, prepare_launch
+from modelfleet.worker.slots import Target
 
 # spec -> local path of its remote source (raises with the reason when it cannot be had).
 Fetcher = Callable[[InstanceSpec], Awaitable[str]]
@@ -140,7 +141,11 @@ class _Managed:
 
 def _restart_key(spec: InstanceSpec) -> tuple[Any, ...]:
     """What, when it changes, needs a new runner (the rest is updated in place)."""
-    return (spec.model, spec.backend, spec.source, json.dumps(spec.params, sort_keys=True, default=str))
+    key: tuple[Any, ...] = (spec.model, spec.backend, spec.source, json.dumps(spec.params, sort_keys=True, default=str))
+    if spec.backend == "llama.cpp" and not {"parallel", "n_parallel"} & set(spec.params):
+        # llama-server's slot count is max_concurrency: a new one needs a new server.
+        key += (spec.max_concurrency,)
+    return key
 
 
 class Supervisor:
@@ -233,7 +238,9 @@ class Supervisor:
                 model=m.spec.model,
                 backend=m.spec.backend,
                 source=m.spec.source,
-                max_concurrency=m.spec.max_concurrency,
+                # llama-server's slots are what the instance serves at once (params.parallel
+                # may differ from the deployment's max_concurrency).
+                max_concurrency=m.launch.slots if m.launch is not None and m.launch.slots else m.spec.max_concurrency,
                 pid=m.pid,
             )
             for m in self._instances.values()
@@ -268,6 +275,13 @@ class Supervisor:
                 for i in indexes:
                     gpu_memory[i] = gpu_memory.get(i, 0) + share
         return {"memory": memory, "gpu_memory": gpu_memory, "instances": count}
+
+    def slot_targets(self) -> list[Target]:
+        """Ready (or draining) runners that report their slots (llama-server): what the
+        worker scrapes each heartbeat."""
+        return [Target(m.spec.id, m.endpoint, m.launch.slots) for m in self._all_managed()
+                if m.launch is not None and m.launch.slots > 0 and m.endpoint
+                and m.state in (InstanceState.READY, InstanceState.DRAINING)]
 
     def logs(self, instance_id: str, lines: int = 100, request_id: str | None = None) -> list[str]:
         """The last ``lines`` lines of the instance's runner log (kept across restarts); with

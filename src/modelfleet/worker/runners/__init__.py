@@ -13,6 +13,7 @@ from collections.abc import Callable
 from modelfleet.models import InstanceSpec
 from modelfleet.worker.runners import (
     backend_llama_cpp,
+    backend_llama_server,
     backend_openai,
     backend_sentence_transformers,
     backend_transformers,
@@ -23,6 +24,7 @@ from modelfleet.worker.runners.base import Launch, LaunchError
 LaunchFn = Callable[[InstanceSpec, str, int], Launch]
 
 BACKENDS: dict[str, LaunchFn] = {
+    backend_llama_server.NAME: backend_llama_server.launch,
     backend_llama_cpp.NAME: backend_llama_cpp.launch,
     backend_sentence_transformers.NAME: backend_sentence_transformers.launch,
     backend_transformers.NAME: backend_transformers.launch,

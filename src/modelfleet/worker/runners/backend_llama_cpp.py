@@ -1,5 +1,10 @@
-"""Backend ``llama.cpp``: llama-cpp-python's own OpenAI server on a GGUF file, started through
-llama_cpp_server.py (the same server and flags; its request lines carry the request id).
+"""Backend ``llama-cpp-python``: llama-cpp-python's own OpenAI server on a GGUF file, started
+through llama_cpp_server.py (the same server and flags; its request lines carry the request id).
+
+The ``llama.cpp`` backend runs llama.cpp's own server (backend_llama_server.py), which
+serves many requests at once. This one stays for machines without that binary (no C++
+toolchain to build it, a platform we build no binary for): it needs only the
+llama-cpp-python wheel. It serves one request at a time.
 
     python -m modelfleet.worker.runners.llama_cpp_server --model PATH --model_alias NAME --host H --port P \
         --n_ctx 2048 --n_threads N --n_gpu_layers 0 --interrupt_requests false
@@ -38,7 +43,7 @@ from modelfleet.worker.runners.base import (
     resolve_local_source,
 )
 
-NAME = "llama.cpp"
+NAME = "llama-cpp-python"
 
 # ModelSettings and ServerSettings fields of llama-cpp-python 0.3.36 that a deployment may
 # set through params. model, model_alias, host, port and config_file are ours to set.

@@ -43,6 +43,8 @@ class Launch:
     memory: int = 0
     gpu_memory: int = 0
     gpus: list[int] = field(default_factory=list)
+    # llama-server's slot count; > 0: the worker scrapes its /metrics and /slots (slots.py).
+    slots: int = 0
 
 
 def offline_env() -> dict[str, str]:

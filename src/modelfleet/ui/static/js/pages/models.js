@@ -13,7 +13,7 @@ import { bytes, seconds } from "../format.js";
 import { clusterError } from "../poller.js";
 import { buildView, stateKind } from "../view.js";
 
-const BACKENDS = ["llama.cpp", "sentence-transformers", "transformers", "vllm", "openai"];
+const BACKENDS = ["llama.cpp", "llama-cpp-python", "sentence-transformers", "transformers", "vllm", "openai"];
 
 export default {
   id: "models",

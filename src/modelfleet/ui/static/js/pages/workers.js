@@ -28,6 +28,8 @@ export default {
 
 function workerPanel(w) {
   const res = w.resources ?? {};
+  // llama-server instances report their own slots (busy / total), queue and prompt-cache reuse.
+  const slots = new Map((res.slots ?? []).map((s) => [s.instance, s]));
   const labels = Object.entries(w.labels ?? {});
   return h("section", { class: "panel worker", dataset: { worker: w.id } },
     h("div", { class: "panel-head" },
@@ -56,15 +58,23 @@ function workerPanel(w) {
           h("div", { class: "meter-label" }, h("span", {}, `Downloading ${d.source}`)), downloadBar(d))))),
     h("h3", { style: "margin-top:12px" }, `Instances (${w.instanceList.length})`),
     w.instanceList.length
-      ? table(["Instance", "Model", "State", "Endpoint", { title: "In flight", num: true }, { title: "Restarts", num: true }],
-        w.instanceList.map((i) => [
-          h("span", { class: "mono" }, i.id),
-          i.model,
-          badge(i.state, stateKind(i.state)),
-          i.endpoint ? h("span", { class: "mono" }, i.endpoint) : "–",
-          i.in_flight === null ? "–" : `${i.in_flight} / ${i.max_concurrency}`,
-          i.restarts ?? "–",
-        ]))
+      ? table(["Instance", "Model", "State", "Endpoint", { title: "In flight", num: true },
+        { title: "Slots busy", num: true }, { title: "Queue", num: true }, { title: "Cache reuse", num: true },
+        { title: "Restarts", num: true }],
+        w.instanceList.map((i) => {
+          const s = slots.get(i.id);
+          return [
+            h("span", { class: "mono", dataset: { instance: i.id } }, i.id),
+            i.model,
+            badge(i.state, stateKind(i.state)),
+            i.endpoint ? h("span", { class: "mono" }, i.endpoint) : "–",
+            i.in_flight === null ? "–" : `${i.in_flight} / ${i.max_concurrency}`,
+            s ? h("span", { class: "slots-busy", title: s.error ?? "" }, `${s.busy} / ${s.slots}`) : "–",
+            s ? h("span", { class: "slots-queue" }, `${s.queue}`) : "–",
+            s && s.cache_reuse !== null && s.cache_reuse !== undefined ? `${Math.round(s.cache_reuse * 100)} %` : "–",
+            i.restarts ?? "–",
+          ];
+        }))
       : h("p", { class: "empty" }, "No instance on this worker."));
 }
 
