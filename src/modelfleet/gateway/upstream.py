@@ -235,9 +235,9 @@ class UpstreamPool:
             t = self._prefix[key] = ((u.hostname, port, tls), head)
         return t
 
-    async def _connect(self, endpoint: Endpoint) -> Connection:
+    async def _connect(self, endpoint: Endpoint, fresh: bool = False) -> Connection:
         loop = asyncio.get_running_loop()
-        idle = self._idle.get(endpoint)
+        idle = None if fresh else self._idle.get(endpoint)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
@@ -264,9 +264,25 @@ class UpstreamPool:
         ``extra_headers``: whole header lines (``Name: value\\r\\n``), such as the request id.
         The caller reads the body, then ``release()``s it (or ``close()``s on any trouble)."""
         endpoint, head = self._target(base_url, path)
+        request = head + b"%d\r\n" % len(body) + extra_headers + b"\r\n" + body
         conn = await self._connect(endpoint)
+        reused = conn.last_used > 0
         try:
-            await conn.send(head + b"%d\r\n" % len(body) + extra_headers + b"\r\n" + body, self.header_timeout)
+            await conn.send(request, self.header_timeout)
+        except UpstreamError as exc:
+            conn.close()
+            if not (reused and exc.before_response and not exc.timeout):
+                raise
+            # A pooled connection that the instance closed as we reused it, before any byte of
+            # an answer: the request was not read. llama-server does this after every streamed
+            # answer although it said keep-alive. Once more on a new connection, so that it
+            # costs no retry on another instance and no failure against this one.
+            conn = await self._connect(endpoint, fresh=True)
+            try:
+                await conn.send(request, self.header_timeout)
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             conn.close()
             raise
