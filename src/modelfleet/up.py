@@ -174,10 +174,14 @@ def model_lines(names: list[str], watch: dict[str, ModelWatch], instances: list[
             continue
         if state == w.state:
             continue
+        where = f" on worker {inst['worker_id']}" if inst.get("worker_id") else ""
         if state == "ready":
+            if w.state != "starting":
+                # It loaded between two polls (llama-server loads a small model in well under
+                # one): the step happened, and an operator reads every step.
+                out.append(f"model {name}: loading ({inst.get('backend')}{where})")
             out.append(f"model {name}: ready in {elapsed_s:.1f} s")
         elif state == "starting":
-            where = f" on worker {inst['worker_id']}" if inst.get("worker_id") else ""
             out.append(f"model {name}: loading ({inst.get('backend')}{where})")
         else:
             out.append(f"model {name}: {_SHOWN.get(state, state)}")

@@ -22,11 +22,11 @@ CHAT = "smollm2-135m-instruct"
 
 
 def runners_of(worker_pid: int) -> list[psutil.Process]:
-    """Runner processes under a worker agent (the llama.cpp server, through its wrapper)."""
+    """Runner processes under a worker agent (backend llama.cpp: llama.cpp's llama-server)."""
     out = []
     for p in psutil.Process(worker_pid).children(recursive=True):
         try:
-            if "modelfleet.worker.runners.llama_cpp_server" in " ".join(p.cmdline()):
+            if p.name() == "llama-server":
                 out.append(p)
         except psutil.NoSuchProcess:
             pass

@@ -177,13 +177,18 @@ def test_api_key_created_in_page_works_then_revoked(page, cluster: UpCluster, sh
 
 
 def test_instance_logs_filtered_by_request_id(page, cluster: UpCluster, shot) -> None:
-    """The Logs button shows the runner's log; a request id keeps only that request's lines."""
-    r = httpx.post(f"{cluster.gateway}/v1/chat/completions", headers={"X-Request-ID": "console-rid-1"}, timeout=60,
-                   json={"model": CHAT_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    """The Logs button shows the runner's log; a request id keeps only that request's lines.
+    On the embeddings model: our sentence-transformers server logs request ids (llama-server,
+    the chat model's, does not). A key of its own: the keys test before it closed inference."""
+    key = httpx.post(f"{cluster.controller}/v1/cluster/keys", json={"name": "console-logs"}, timeout=10).json()["key"]
+    wait_until(lambda: _status(cluster.gateway, key) == 200, 20, what="the gateway to take the new key")
+    r = httpx.post(f"{cluster.gateway}/v1/embeddings", timeout=60,
+                   headers={"X-Request-ID": "console-rid-1", "authorization": f"Bearer {key}"},
+                   json={"model": EMBED_MODEL, "input": "Hi"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "console-rid-1"
     inst = r.headers["x-modelfleet-instance"]
     page.goto("/#/models")
-    row = page.locator(f'section.model[data-model="{CHAT_MODEL}"] tr[data-instance-id="{inst}"]')
+    row = page.locator(f'section.model[data-model="{EMBED_MODEL}"] tr[data-instance-id="{inst}"]')
     row.wait_for()
     row.locator('button[data-action="logs"]').click()
     lines = page.locator("#logs-lines")
@@ -194,7 +199,7 @@ def test_instance_logs_filtered_by_request_id(page, cluster: UpCluster, shot) ->
     page.wait_for_function("() => document.querySelector('#logs-status')?.textContent.includes('naming request')",
                            timeout=15_000)
     text = lines.inner_text()
-    assert text.count("\n") == 0 and "request console-rid-1: POST /v1/chat/completions -> 200" in text, text
+    assert text.count("\n") == 0 and "request console-rid-1: POST /v1/embeddings -> 200" in text, text
     shot(page, "instance-logs")
     page.click('button[data-action="logs-close"]')
 

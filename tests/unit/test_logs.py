@@ -238,6 +238,14 @@ def test_up_prints_each_model_state_change_once() -> None:
         "model emb: failed: out of memory",
     ]
     assert model_lines(names, watch, ready, 13.0) == []  # a failure is said once
+    # A model that loaded between two polls (pending, then ready) still shows its loading step.
+    fast: dict[str, ModelWatch] = {}
+    assert model_lines(["chat"], fast, [], 0.1) == ["model chat: pending"]
+    quick = [{"model": "chat", "state": "ready", "backend": "llama.cpp", "worker_id": "local"}]
+    assert model_lines(["chat"], fast, quick, 0.9) == [
+        "model chat: loading (llama.cpp on worker local)",
+        "model chat: ready in 0.9 s",
+    ]
 
 
 def test_gateway_settings_read_access_log_and_format_from_the_environment() -> None:
