@@ -156,6 +156,10 @@ class RevisionWatcher:
         self.store, self.poll_interval = store, poll_interval
         self.revision = -1
         self._changed = asyncio.Condition()
+        # Set when the store shows a lower revision than this controller served (restored
+        # from an older copy): wakes the readiness loop at once, before the store's ordinary
+        # writes climb back to numbers that readers already hold with other contents.
+        self.went_back = asyncio.Event()
 
     async def run(self) -> None:
         while True:
@@ -168,6 +172,8 @@ class RevisionWatcher:
                     CONTROLLER_REVISION.set(rev)
                     async with self._changed:
                         self._changed.notify_all()
+                elif rev < self.revision:
+                    self.went_back.set()
             except StoreError:
                 pass  # readiness reports the outage; gateways keep their table
             await asyncio.sleep(self.poll_interval)
@@ -287,7 +293,9 @@ class Controller:
                 await self.check_store()
             except (StoreError, OSError) as exc:
                 await self._set_ready(False, str(exc) or type(exc).__name__)
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.revisions.went_back.wait(), 1.0)
+            self.revisions.went_back.clear()
 
     async def check_store(self) -> None:
         """One readiness pass. The identity comes first: a store that lost its state is never
