@@ -160,6 +160,18 @@ class RevisionWatcher:
         # from an older copy): wakes the readiness loop at once, before the store's ordinary
         # writes climb back to numbers that readers already hold with other contents.
         self.went_back = asyncio.Event()
+        # The highest revision this controller told anyone: heartbeat replies carry the
+        # store's revision of the moment, which can be ahead of the last poll.
+        self.handed_out = -1
+
+    @property
+    def served(self) -> int:
+        return max(self.revision, self.handed_out)
+
+    def hand_out(self, rev: int) -> int:
+        if rev > self.handed_out:
+            self.handed_out = rev
+        return rev
 
     async def run(self) -> None:
         while True:
@@ -172,7 +184,7 @@ class RevisionWatcher:
                     CONTROLLER_REVISION.set(rev)
                     async with self._changed:
                         self._changed.notify_all()
-                elif rev < self.revision:
+                if rev < self.served:
                     self.went_back.set()
             except StoreError:
                 pass  # readiness reports the outage; gateways keep their table
@@ -332,7 +344,7 @@ class Controller:
     async def _keep_revision_forward(self) -> None:
         """A store restored from an older copy shows a lower revision than the one this
         controller served: move it past, so no reader ever sees the revision go back."""
-        served = self.revisions.revision
+        served = self.revisions.served
         if served < 0 or await self.store.get_revision() >= served:
             return
         now = await self.store.advance_revision(served + 1)
@@ -507,7 +519,7 @@ class HeartbeatEndpoint:
         CONTROLLER_HEARTBEAT_SECONDS.observe(time.perf_counter() - t0)
         reply: dict[str, Any] = {
             "registered": result.registered,
-            "revision": result.revision,
+            "revision": ctl.revisions.hand_out(result.revision),
             "assignments": assignments,
             "heartbeat_interval": s.heartbeat_interval,
             "controller_id": s.controller_id,
