@@ -32,6 +32,23 @@ def request_bytes(body: dict[str, object], content_length: int | None = None) ->
     ) + data
 
 
+def read_response(s: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response with a Content-Length: one recv may hold only its head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before the response head: {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(v) for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                  if k.strip().lower() == b"content-length")
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "closed in the middle of the body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def closed_within(s: socket.socket, seconds: float) -> float | None:
     """Seconds until the gateway closes ``s`` (reading whatever it still sends), or None."""
     t0 = time.monotonic()
@@ -125,11 +142,11 @@ def test_requests_that_never_finish_arriving_are_cut(cluster: Cluster) -> None:
     # A kept-alive connection idle between requests longer than the header timeout is fine too
     # (uvicorn's keep-alive timeout covers that time).
     s.settimeout(10)
-    first = s.recv(65536)
+    first = read_response(s)
     assert first.startswith(b"HTTP/1.1 200"), first[:200]
     time.sleep(1.5)
     s.sendall(request_bytes(body))
-    assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    assert read_response(s).startswith(b"HTTP/1.1 200")
     s.close()
     assert metric(cluster, 'modelfleet_gateway_client_timeouts_total{phase="headers"}') == 2
     assert metric(cluster, 'modelfleet_gateway_client_timeouts_total{phase="body"}') == 1

@@ -143,8 +143,10 @@ def test_several_processes_share_the_port_and_sum_their_metrics(cluster: Cluster
         return float(line.split()[-1])
 
     assert {total() for _ in range(6)} == {40.0}  # whichever process answers the scrape
-    text = httpx.get(f"{g}/metrics").text
-    assert 'modelfleet_gateway_instance_in_flight{instance="w1/a",model="m"}' in text
+    # Each process copies its live gauges to the shared files once a second: the instance's
+    # gauge is there by the next copy after the route table reached both processes.
+    wait_for(lambda: 'modelfleet_gateway_instance_in_flight{instance="w1/a",model="m"}'
+             in httpx.get(f"{g}/metrics").text, 5, what="the per-instance live gauge")
     status = cluster.status()
     assert status["processes"] == 2 and status["process"] in (0, 1)
 
