@@ -10,8 +10,11 @@ command -v runc >/dev/null 2>&1 || want+=(runc)
 command -v mmdebstrap >/dev/null 2>&1 || want+=(mmdebstrap)
 command -v podman-compose >/dev/null 2>&1 || want+=(podman-compose)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)
+# Debian's podman 4.3 networks through CNI: containers find each other by name (the compose
+# file's `postgres`, `controller-1`…) only with the dnsname plugin, which podman does not pull in.
+[ -x /usr/lib/cni/dnsname ] || want+=(golang-github-containernetworking-plugin-dnsname)
 if [ ${#want[@]} -eq 0 ]; then
-  echo "deploy deps: podman, runc, mmdebstrap, podman-compose, promtool present"
+  echo "deploy deps: podman, runc, mmdebstrap, podman-compose, promtool, CNI dnsname present"
   exit 0
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
