@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -42,6 +43,7 @@ from modelfleet.models import InstanceSpec, InstanceState
 from modelfleet.worker.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("llama-server", "gateway", "llama-cpp-python")
 RESULTS = ROOT / "bench" / "results" / "batching.json"
 MODEL = "smollm2-135m-instruct"
 SUBJECTS = [
@@ -95,7 +97,22 @@ async def one_stream(http: httpx.AsyncClient, url: str, i: int, max_tokens: int)
     return tokens, ttft
 
 
-async def level(url: str, c: int, rounds: int, max_tokens: int, seq: list[int]) -> dict[str, Any]:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children, so far."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def level(
+    url: str, c: int, rounds: int, max_tokens: int, seq: list[int], server_pid: int | None = None
+) -> dict[str, Any]:
     async with httpx.AsyncClient(
         timeout=600,
         trust_env=False,
@@ -111,10 +128,12 @@ async def level(url: str, c: int, rounds: int, max_tokens: int, seq: list[int]) 
                 results.append(await one_stream(http, url, seq[0], max_tokens))
 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        server0 = process_cpu_s(server_pid) if server_pid else 0.0
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(c)))
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        server1 = process_cpu_s(server_pid) if server_pid else 0.0
     tokens = sum(t for t, _ in results)
     ttfts = sorted(t for _, t in results if t is not None)
     return {
@@ -126,6 +145,9 @@ async def level(url: str, c: int, rounds: int, max_tokens: int, seq: list[int]) 
         "ttft_p50_s": round(pct(ttfts, 50), 4),
         "ttft_p90_s": round(pct(ttfts, 90), 4),
         "generator_cpu_s": round((cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime), 3),
+        # The gateway's own CPU over the level (gateway targets only): what it takes from the
+        # cores the runner decodes on, free of the wall-clock noise of a shared machine.
+        "gateway_cpu_s": round(server1 - server0, 3) if server_pid else None,
     }
 
 
@@ -216,9 +238,17 @@ async def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
     ap.add_argument("--trials", type=int, default=1)
     ap.add_argument("--concurrency", default="1,4,8")
+    ap.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="which of them to run (llama-server,gateway for a longer gateway-vs-direct comparison)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
+    wanted = [t for t in TARGETS if t in a.targets.split(",")]
+    if "gateway" in wanted and "llama-server" not in wanted:
+        raise SystemExit("--targets: the gateway runs in front of llama-server; name both")
     slots = max(levels)
     work = Path(tempfile.mkdtemp(prefix="mf-bench-batching-"))
     sup = Supervisor(log_dir=work, port_start=random.randrange(20000, 32000, 10), startup_timeout=120)
@@ -234,6 +264,7 @@ async def main() -> None:
         ),
         InstanceSpec(id="bench/llama-cpp-python", model=MODEL, backend="llama-cpp-python", source=MODEL, params=params),
     ]
+    specs = [sp for sp in specs if sp.id.removeprefix("bench/") in wanted]
     load_before = os.getloadavg()
     gw = None
     rows: list[dict[str, Any]] = []
@@ -245,18 +276,18 @@ async def main() -> None:
                 raise SystemExit(f"runners not ready: {[(s.id, s.state, s.last_error) for s in sup.statuses()]}")
             await asyncio.sleep(0.3)
         ep = {s.id: s.endpoint for s in sup.statuses()}
-        gw, gw_url = await asyncio.to_thread(start_gateway, work, ep["bench/llama-server"], slots)
-        targets = {
-            "llama-server": ep["bench/llama-server"],
-            "gateway": gw_url,
-            "llama-cpp-python": ep["bench/llama-cpp-python"],
-        }
+        targets = {name: ep[f"bench/{name}"] for name in wanted if name != "gateway"}
+        if "gateway" in wanted:
+            gw, gw_url = await asyncio.to_thread(start_gateway, work, ep["bench/llama-server"], slots)
+            targets["gateway"] = gw_url
+        targets = {name: targets[name] for name in wanted}  # the order of TARGETS: gateway next to direct
         seq = [0]
         for trial in range(a.trials):
             order = list(targets) if trial % 2 == 0 else list(reversed(targets))
             for c in levels:
                 for name in order:
-                    r = await level(targets[name], c, a.rounds, a.max_tokens, seq)
+                    pid = gw.pid if name == "gateway" and gw is not None else None
+                    r = await level(targets[name], c, a.rounds, a.max_tokens, seq, pid)
                     r.update(target=name, trial=trial)
                     rows.append(r)
                     console.print(f"trial {trial} c={c} {name}: {r['tok_s']} tok/s, TTFT p50 {r['ttft_p50_s']} s")
@@ -278,7 +309,8 @@ def report(
     for col in ("target", "c", "tok/s", "TTFT p50 s", "TTFT p90 s", "requests", "generator CPU s"):
         table.add_column(col, justify="right")
     summary: dict[str, Any] = {}
-    for name in ("llama-server", "gateway", "llama-cpp-python"):
+    names = [t for t in TARGETS if any(r["target"] == t for r in rows)]
+    for name in names:
         for c in levels:
             cell = {k: med(name, c, k) for k in ("tok_s", "ttft_p50_s", "ttft_p90_s", "generator_cpu_s")}
             summary[f"{name}@{c}"] = cell
@@ -294,21 +326,43 @@ def report(
             )
     console.print(table)
     top, low = max(levels), min(levels)
-    ratios = {
-        f"llama-server c={top} / llama-cpp-python c={top} tok/s (goal >= 2)": summary[f"llama-server@{top}"]["tok_s"]
-        / summary[f"llama-cpp-python@{top}"]["tok_s"],
-        f"llama-server c={top} / c={low} tok/s (goal >= 1.2)": summary[f"llama-server@{top}"]["tok_s"]
-        / summary[f"llama-server@{low}"]["tok_s"],
-        f"llama-server TTFT p50 c={top} / c={low} (goal <= 10)": summary[f"llama-server@{top}"]["ttft_p50_s"]
-        / summary[f"llama-server@{low}"]["ttft_p50_s"],
-        f"llama-cpp-python TTFT p50 c={top} / c={low}": summary[f"llama-cpp-python@{top}"]["ttft_p50_s"]
-        / summary[f"llama-cpp-python@{low}"]["ttft_p50_s"],
-        **{
-            f"gateway / direct tok/s at c={c} (goal >= 0.97)": summary[f"gateway@{c}"]["tok_s"]
-            / summary[f"llama-server@{c}"]["tok_s"]
-            for c in levels
-        },
-    }
+    ratios: dict[str, float] = {}
+    if {"llama-server", "llama-cpp-python"} <= set(names):
+        ratios[f"llama-server c={top} / llama-cpp-python c={top} tok/s (goal >= 2)"] = (
+            summary[f"llama-server@{top}"]["tok_s"] / summary[f"llama-cpp-python@{top}"]["tok_s"]
+        )
+    if "llama-server" in names:
+        ratios[f"llama-server c={top} / c={low} tok/s (goal >= 1.2)"] = (
+            summary[f"llama-server@{top}"]["tok_s"] / summary[f"llama-server@{low}"]["tok_s"]
+        )
+        ratios[f"llama-server TTFT p50 c={top} / c={low} (goal <= 10)"] = (
+            summary[f"llama-server@{top}"]["ttft_p50_s"] / summary[f"llama-server@{low}"]["ttft_p50_s"]
+        )
+    if "llama-cpp-python" in names:
+        ratios[f"llama-cpp-python TTFT p50 c={top} / c={low}"] = (
+            summary[f"llama-cpp-python@{top}"]["ttft_p50_s"] / summary[f"llama-cpp-python@{low}"]["ttft_p50_s"]
+        )
+    if "gateway" in names:
+        for c in levels:
+            # Pooled over the trials (all tokens / all wall time of each target at this level),
+            # which weighs every request alike; the gateway and direct levels of a trial run
+            # back to back, so slow spells of a shared machine fall on both.
+            tok = {
+                t: sum(r["tokens"] for r in rows if r["target"] == t and r["concurrency"] == c)
+                / sum(r["wall_s"] for r in rows if r["target"] == t and r["concurrency"] == c)
+                for t in ("gateway", "llama-server")
+            }
+            ratios[f"gateway / direct tok/s at c={c} (goal >= 0.97)"] = tok["gateway"] / tok["llama-server"]
+            gw_rows = [r for r in rows if r["target"] == "gateway" and r["concurrency"] == c]
+            cpu_per_token = sum(r["gateway_cpu_s"] for r in gw_rows) / sum(r["tokens"] for r in gw_rows)
+            summary[f"gateway@{c}"]["gateway_cpu_us_per_token"] = round(cpu_per_token * 1e6, 1)
+            summary[f"gateway@{c}"]["gateway_cpu_share_of_a_core"] = round(
+                sum(r["gateway_cpu_s"] for r in gw_rows) / sum(r["wall_s"] for r in gw_rows), 4
+            )
+            console.print(
+                f"gateway CPU at c={c}: {cpu_per_token * 1e6:.0f} µs per streamed token, "
+                f"{summary[f'gateway@{c}']['gateway_cpu_share_of_a_core']:.1%} of a core"
+            )
     for k, v in ratios.items():
         console.print(f"{k}: [bold]{v:.2f}[/bold]")
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +377,8 @@ def report(
                     "load_before": load_before,
                     "load_after": os.getloadavg(),
                 },
-                "summary": summary, "errors": errors,
+                "summary": summary,
+                "errors": errors,
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "runs": rows,
             },

@@ -1,8 +1,8 @@
 """Prefix-cache-aware routing: p2c vs prefix vs an oracle, one and two gateways, on the bundled
 chat model; plus what hashing a long prompt adds to the gateway.
 
-    .venv/bin/python bench/prefix.py [--groups 4] [--users 3] [--turns 2] [--concurrency 2]
-                                     [--prefix-words 750] [--max-tokens 8] [--prompt-cache ram|off]
+    .venv/bin/python bench/prefix.py [--groups 8] [--users 4] [--turns 2] [--concurrency 4]
+                                     [--prefix-words 700] [--max-tokens 8] [--slots 4] [--cache-ram 0]
     .venv/bin/python bench/prefix.py --overhead-only
 
 Part 1, overhead (no model): ``request_key`` timed alone on an 8k-token chat prompt, then a
@@ -13,8 +13,8 @@ Part 2, workload (llm-d's shared-prefix shape, scaled down): G groups, each with
 system prompt (~1,000 tokens) of its own; U users per group, each a conversation of T turns
 (short questions; a follow-up carries the previous answer). Conversations run ``concurrency``
 at a time, in a shuffled order that interleaves groups. A real cluster: controller (SQLite),
-one worker, the bundled SmolLM2-135M with 2 replicas (llama.cpp backend as it is today:
-llama-cpp-python's server, one thread each), two gateways. Modes, side by side in one run:
+one worker, the bundled SmolLM2-135M with 2 replicas (llama.cpp backend: llama-server with
+``--slots`` slots and one thread each), two gateways. Modes, side by side in one run:
 
 - p2c: the deployment's routing "p2c", one gateway;
 - prefix: routing "prefix", one gateway;
@@ -23,15 +23,17 @@ llama-cpp-python's server, one thread each), two gateways. Modes, side by side i
 - oracle: straight to the replica that last served the group (groups dealt round-robin).
 
 Every mode gets system prompts of its own (the run name is in them), so no mode inherits
-another's warm caches. Reported per mode: TTFT mean/p50/p90 (first streamed event), generated
-tokens/s, requests per replica (max/mean), and the replicas' prompt-cache reuse (prompt tokens
-llama.cpp did not evaluate again / prompt tokens), read from the runners' logs (the backend
-exposes it nowhere else). Table plus bench/results/prefix.json.
+another's warm caches. Reported per mode: TTFT mean/p50/p90 (first streamed token),
+generated tokens/s, requests per replica (max/mean), and prompt-cache reuse: the prompt
+tokens llama-server did not evaluate again over all prompt tokens, from each answer's own
+``usage.prompt_tokens_details.cached_tokens``. Table plus bench/results/prefix.json.
 
-``--prompt-cache ram`` starts the runners with llama-cpp-python's RAM prompt cache (``cache``:
-prompt states kept up to ``--cache-mb``, the longest matching one restored); ``off`` leaves its
-default, which keeps only the last prompt's KV (one slot): with several groups per replica no
-router gets hits from it, the oracle included (measured: see docs/gateway.md).
+The scale: a replica's prompt cache is its slots (each keeps its last prompt's KV) plus
+llama-server's RAM prompt cache (``--cache-ram`` MiB; 0 turns it off). At its default of
+8 GiB a 135M model's RAM cache holds ~350k tokens, every prompt this workload has; an 8B
+model's holds ~65 prompts of 1,000 tokens, fewer than a fleet's system prompts. So by
+default each replica holds ``--slots`` prompts and the workload has twice as many groups:
+a cache that holds half the working set, which is where routing decides what hits.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import json
 import os
 import platform
 import random
-import re
+import resource
 import signal
 import socket
 import statistics
@@ -50,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,15 +251,31 @@ def conversations(run: str, a: argparse.Namespace) -> list[tuple[int, list[str],
     return convs
 
 
-async def one_request(
-    client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int
-) -> tuple[float, int, str, str]:
-    """(ttft s, content events, instance, answer text) of one streamed chat completion."""
+@dataclass
+class Answer:
+    ttft: float  # to the first generated token
+    tokens: int  # content events
+    instance: str
+    text: str
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens the runner did not evaluate again
+
+
+async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int) -> Answer:
+    """One streamed chat completion, with its usage (stream_options.include_usage)."""
     t0 = time.perf_counter()
     ttft = None
     n = 0
     text = []
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    usage: dict[str, Any] = {}
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -264,16 +283,28 @@ async def one_request(
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            if ttft is None:
-                ttft = time.perf_counter() - t0
             data = line[6:]
             if data == "[DONE]":
                 break
-            delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
-            if delta:
-                n += 1
-                text.append(delta)
-    return ttft or 0.0, n, inst, "".join(text)
+            event = json.loads(data)
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta", {}).get("content")
+                if delta is not None:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    if delta:
+                        n += 1
+                        text.append(delta)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return Answer(
+        ttft if ttft is not None else time.perf_counter() - t0,
+        n,
+        inst,
+        "".join(text),
+        int(usage.get("prompt_tokens") or 0),
+        int(cached),
+    )
 
 
 async def run_mode(
@@ -285,11 +316,13 @@ async def run_mode(
     per_replica: dict[str, int] = {}
     tokens = 0
     errors = 0
+    prompt_tokens = cached_tokens = 0
+    log: list[dict[str, Any]] = []  # one entry a request, in the order answered
     queue = list(convs)
     group_home: dict[int, str] = {}
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal tokens, errors
+        nonlocal tokens, errors, prompt_tokens, cached_tokens
         while queue:
             group, questions, sp = queue.pop(0)
             messages = [{"role": "system", "content": sp}]
@@ -302,20 +335,33 @@ async def run_mode(
                 else:
                     url = rng.choice(targets)
                 try:
-                    ttft, n, inst, answer = await one_request(client, url, messages, a.max_tokens)
+                    ans = await one_request(client, url, messages, a.max_tokens)
                 except (RuntimeError, httpx.HTTPError) as exc:
                     errors += 1
                     console.print(f"[red]{mode}: {exc}[/red]")
                     break
-                ttfts.append(ttft)
-                tokens += n
-                who = oracle[url] if oracle is not None else inst
+                ttfts.append(ans.ttft)
+                log.append(
+                    {
+                        "group": group,
+                        "instance": oracle[url] if oracle is not None else ans.instance,
+                        "ttft_s": round(ans.ttft, 4),
+                        "prompt_tokens": ans.prompt_tokens,
+                        "cached_tokens": ans.cached_tokens,
+                    }
+                )
+                tokens += ans.tokens
+                prompt_tokens += ans.prompt_tokens
+                cached_tokens += ans.cached_tokens
+                who = oracle[url] if oracle is not None else ans.instance
                 per_replica[who] = per_replica.get(who, 0) + 1
-                messages.append({"role": "assistant", "content": answer})
+                messages.append({"role": "assistant", "content": ans.text})
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         t0 = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.gather(*(worker(client) for _ in range(a.concurrency)))
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         wall = time.perf_counter() - t0
     loads = list(per_replica.values()) + [0] * (2 - len(per_replica))
     mean = statistics.mean(loads) if loads else 0
@@ -330,39 +376,23 @@ async def run_mode(
         "tok_s": tokens / wall,
         "per_replica": per_replica,
         "max_over_mean_load": (max(loads) / mean) if mean else None,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_cached": cached_tokens,
+        "prompt_tokens_evaluated": prompt_tokens - cached_tokens,
+        "cache_reuse": cached_tokens / prompt_tokens if prompt_tokens else None,
+        # What the load generator cost: this process's CPU over the mode's wall time.
+        "client_cpu_share": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall,
+        "requests_log": log,
     }
 
 
-HIT_RE = re.compile(r"Llama\.generate: (\d+) prefix-match hit, remaining (\d+) prompt tokens")
-EVAL_RE = re.compile(r"prompt eval time\s*=\s*[\d.]+ ms /\s*(\d+) tokens")
-
-
-def runner_logs(home: Path) -> dict[str, Path]:
-    return {p.stem: p for p in home.rglob("*.log") if MODEL in p.stem}
-
-
-def log_offsets(home: Path) -> dict[str, int]:
-    return {k: p.stat().st_size for k, p in runner_logs(home).items()}
-
-
-def cache_reuse(home: Path, since: dict[str, int]) -> dict[str, Any]:
-    """Prompt tokens llama.cpp reused (prefix-match hits) over prompt tokens, from what the
-    runners logged since ``since``: each hit line gives reused and remaining; the perf line
-    after each request gives the tokens evaluated (misses included)."""
-    out: dict[str, Any] = {}
-    for k, p in runner_logs(home).items():
-        with p.open("rb") as f:
-            f.seek(since.get(k, 0))
-            text = f.read().decode(errors="replace")
-        reused = sum(int(m.group(1)) for m in HIT_RE.finditer(text))
-        evaluated = sum(int(m.group(1)) for m in EVAL_RE.finditer(text))
-        hits = len(HIT_RE.findall(text))
-        out[k] = {
-            "reused_tokens": reused,
-            "evaluated_tokens": evaluated,
-            "hit_requests": hits,
-            "reuse": reused / (reused + evaluated) if reused + evaluated else None,
-        }
+def prefix_outcomes(gateway: str) -> dict[str, float]:
+    """modelfleet_gateway_prefix_routed_total of the bench model, by outcome."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{gateway}/metrics").text.splitlines():
+        if line.startswith("modelfleet_gateway_prefix_routed_total{") and f'model="{MODEL}"' in line:
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -415,11 +445,17 @@ def workload(procs: Procs, a: argparse.Namespace) -> dict[str, Any]:
             str(port),
             "--snapshot-path",
             str(home / f"routes{i}.json"),
+            "--prefix-load-bound",
+            str(a.prefix_load_bound),
+            "--prefix-load-slack",
+            str(a.prefix_load_slack),
         )
         gateways.append(f"http://127.0.0.1:{port}")
-    params: dict[str, Any] = {"n_threads": 1}
-    if a.prompt_cache == "ram":
-        params.update({"cache": True, "cache_type": "ram", "cache_size": a.cache_mb * 1_000_000})
+    params: dict[str, Any] = {"n_threads": 1, "parallel": a.slots, "cache_ram": a.cache_ram}
+    if a.n_batch:
+        # Chunked prompt evaluation: a miss's prompt goes through in pieces of n_batch tokens,
+        # so other slots' hits and decode steps are not held behind all of it.
+        params.update({"n_batch": a.n_batch, "n_ubatch": a.n_batch})
     httpx.post(
         f"{controller}/v1/cluster/deployments",
         json={
@@ -427,7 +463,7 @@ def workload(procs: Procs, a: argparse.Namespace) -> dict[str, Any]:
             "backend": "llama.cpp",
             "source": MODEL,
             "replicas": 2,
-            "max_concurrency": 4,
+            "max_concurrency": a.slots,
             "routing": "p2c",
             "params": params,
         },
@@ -468,34 +504,38 @@ def workload(procs: Procs, a: argparse.Namespace) -> dict[str, Any]:
             continue
         if routing is not None:
             set_routing(controller, gateways, routing)
-        since = log_offsets(home)
         console.print(f"mode {mode} ...")
+        before = [prefix_outcomes(g) for g in gateways]
         row = asyncio.run(run_mode(mode, targets, orc, a))
-        time.sleep(0.5)  # the runners' last log lines
-        row["cache"] = cache_reuse(home, since)
-        reused = sum(c["reused_tokens"] for c in row["cache"].values())
-        evaluated = sum(c["evaluated_tokens"] for c in row["cache"].values())
-        row["cache_reuse"] = reused / (reused + evaluated) if reused + evaluated else None
+        after = [prefix_outcomes(g) for g in gateways]
+        # How the gateways decided (cached / home / spilled), summed over both.
+        row["prefix_outcomes"] = {
+            k: sum(b2.get(k, 0) - b1.get(k, 0) for b1, b2 in zip(before, after, strict=True))
+            for k in ("cached", "home", "spilled")
+        }
         rows.append(row)
     return {"rows": rows, "replicas": list(oracle.values()), "params": params}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--users", type=int, default=3)
+    ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--users", type=int, default=4)
     ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--prefix-words", type=int, default=750, help="~1,000 tokens of system prompt")
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--prefix-words", type=int, default=700, help="~1,000 tokens of system prompt")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--prompt-cache", choices=("ram", "off"), default="off")
+    ap.add_argument("--slots", type=int, default=4, help="llama-server slots per replica (its max_concurrency)")
     ap.add_argument(
-        "--cache-mb",
+        "--cache-ram",
         type=int,
-        default=40,
-        help="RAM prompt cache per replica (MB of llama.cpp state, ~23 KB a token: 40 holds three ~500-token "
-        "prompts, so two groups fit a replica and four do not, as a small cache under a large working set)",
+        default=0,
+        help="llama-server's RAM prompt cache per replica, MiB (0: off, so a replica holds --slots prompts; "
+        "~23 MB a 1,000-token prompt)",
     )
+    ap.add_argument("--n-batch", type=int, default=0, help="llama-server --batch-size/--ubatch-size (0: its own)")
+    ap.add_argument("--prefix-load-bound", type=float, default=1.25)
+    ap.add_argument("--prefix-load-slack", type=int, default=0)
     ap.add_argument("--modes", default="p2c,prefix,prefix-2gw,oracle")
     ap.add_argument("--overhead-n", type=int, default=200)
     ap.add_argument("--overhead-only", action="store_true")
@@ -532,8 +572,8 @@ def main() -> None:
         single = next((r for r in rows if r["mode"] == "prefix"), None)
         t = Table(
             title=f"{a.groups} groups x {a.users} users x {a.turns} turns, ~{a.prefix_words} words of shared "
-            f"system prompt, concurrency {a.concurrency}, max_tokens {a.max_tokens}, prompt cache "
-            f"{a.prompt_cache}, 2 replicas"
+            f"system prompt, concurrency {a.concurrency}, max_tokens {a.max_tokens}, 2 replicas x "
+            f"{a.slots} slots, RAM prompt cache {a.cache_ram} MiB"
         )
         for col in (
             "mode",
@@ -569,6 +609,9 @@ def main() -> None:
                 str(r["errors"]),
             )
         console.print(t)
+        console.print(
+            "load generator: " + ", ".join(f"{r['mode']} {r['client_cpu_share']:.0%} of a core" for r in rows)
+        )
         two = next((r for r in rows if r["mode"] == "prefix-2gw"), None)
         if base and single and two and base["cache_reuse"] is not None and single["cache_reuse"] is not None:
             # Prompt tokens the replicas did not have to evaluate: the routing's own effect, free

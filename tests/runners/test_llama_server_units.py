@@ -63,6 +63,8 @@ def test_parallel_param_wins_and_flags_pass_through(fake_binary: Path) -> None:
             cache_prompt=False,
             cont_batching=False,
             cache_reuse=64,
+            cache_ram=256,
+            slot_prompt_similarity=0.5,
             tensor_split=[0.5, 0.5],
             embedding=True,
             gpus=[1],
@@ -77,6 +79,7 @@ def test_parallel_param_wins_and_flags_pass_through(fake_binary: Path) -> None:
     assert flag(argv, "--flash-attn") == "on"
     assert "--no-cache-prompt" in argv and "--no-cont-batching" in argv and "--cont-batching" not in argv
     assert flag(argv, "--cache-reuse") == "64" and argv.count("--cache-reuse") == 1
+    assert flag(argv, "--cache-ram") == "256" and flag(argv, "--slot-prompt-similarity") == "0.5"
     assert flag(argv, "--tensor-split") == "0.5,0.5"
     assert "--embeddings" in argv
     assert argv[-2:] == ["--seed", "7"]

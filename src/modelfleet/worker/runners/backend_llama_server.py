@@ -9,8 +9,11 @@ pass, so a replica serves N streams at about the cost of one. N is the instance'
 max_concurrency (what the gateway admits to it) unless ``parallel`` is set. The context is
 per slot: ``n_ctx`` (default 2048) is what one request may use, and the server gets
 ``n_ctx × N`` in all (llama-server splits ``--ctx-size`` evenly over its slots). Prompt
-caching is on by default in llama-server (each slot keeps its last prompt's KV);
-``--cache-reuse`` also reuses shifted chunks of it. ``--metrics`` and ``--slots`` turn on
+caching is on by default in llama-server: each slot keeps its last prompt's KV, a request
+takes the idle slot whose prompt shares the most of its own, and when a slot is reused its
+prompt state is saved to a RAM cache (``cache_ram`` MiB, llama-server's default 8192) from
+which a later request restores the longest match; ``--cache-reuse`` also reuses shifted
+chunks. ``--metrics`` and ``--slots`` turn on
 the endpoints the worker scrapes (slots.py).
 
 The binary is built once from the llama.cpp tree that the llama-cpp-python sdist vendors
@@ -54,6 +57,10 @@ FLAGS: dict[str, str] = {
     "type_k": "--cache-type-k",
     "type_v": "--cache-type-v",
     "cache_reuse": "--cache-reuse",
+    # MiB of host memory for prompt states saved from slots (llama-server's default: 8192):
+    # a prompt whose slot was reused is restored from there instead of evaluated again.
+    "cache_ram": "--cache-ram",
+    "slot_prompt_similarity": "--slot-prompt-similarity",
     "rope_freq_base": "--rope-freq-base",
     "rope_freq_scale": "--rope-freq-scale",
     "api_key": "--api-key",
