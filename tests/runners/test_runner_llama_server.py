@@ -246,11 +246,16 @@ async def test_crash_is_restarted(server) -> None:
     assert "paris" in (r.choices[0].message.content or "").lower()
 
 
-def test_build_is_cached() -> None:
+async def test_build_is_cached() -> None:
     """A second run of the build script (what every `make install` does) builds nothing."""
     started = time.monotonic()
-    r = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "build_llama_server.sh")], capture_output=True, text=True, timeout=60, cwd=ROOT
+    r = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", str(ROOT / "scripts" / "build_llama_server.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     took = time.monotonic() - started
     assert r.returncode == 0, r.stdout + r.stderr
