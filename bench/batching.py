@@ -276,11 +276,11 @@ async def main() -> None:
                 raise SystemExit(f"runners not ready: {[(s.id, s.state, s.last_error) for s in sup.statuses()]}")
             await asyncio.sleep(0.3)
         ep = {s.id: s.endpoint for s in sup.statuses()}
-        targets = {name: ep[f"bench/{name}"] for name in wanted if name != "gateway"}
+        gw_url = ""
         if "gateway" in wanted:
             gw, gw_url = await asyncio.to_thread(start_gateway, work, ep["bench/llama-server"], slots)
-            targets["gateway"] = gw_url
-        targets = {name: targets[name] for name in wanted}  # the order of TARGETS: gateway next to direct
+        # In the order of TARGETS: the gateway runs next to direct in every trial.
+        targets = {name: gw_url if name == "gateway" else ep[f"bench/{name}"] for name in wanted}
         seq = [0]
         for trial in range(a.trials):
             order = list(targets) if trial % 2 == 0 else list(reversed(targets))
@@ -343,25 +343,23 @@ def report(
             summary[f"llama-cpp-python@{top}"]["ttft_p50_s"] / summary[f"llama-cpp-python@{low}"]["ttft_p50_s"]
         )
     if "gateway" in names:
+
+        def pooled(target: str, c: int, key: str) -> float:
+            return sum(r[key] for r in rows if r["target"] == target and r["concurrency"] == c)
+
         for c in levels:
             # Pooled over the trials (all tokens / all wall time of each target at this level),
             # which weighs every request alike; the gateway and direct levels of a trial run
             # back to back, so slow spells of a shared machine fall on both.
-            tok = {
-                t: sum(r["tokens"] for r in rows if r["target"] == t and r["concurrency"] == c)
-                / sum(r["wall_s"] for r in rows if r["target"] == t and r["concurrency"] == c)
-                for t in ("gateway", "llama-server")
-            }
-            ratios[f"gateway / direct tok/s at c={c} (goal >= 0.97)"] = tok["gateway"] / tok["llama-server"]
-            gw_rows = [r for r in rows if r["target"] == "gateway" and r["concurrency"] == c]
-            cpu_per_token = sum(r["gateway_cpu_s"] for r in gw_rows) / sum(r["tokens"] for r in gw_rows)
-            summary[f"gateway@{c}"]["gateway_cpu_us_per_token"] = round(cpu_per_token * 1e6, 1)
-            summary[f"gateway@{c}"]["gateway_cpu_share_of_a_core"] = round(
-                sum(r["gateway_cpu_s"] for r in gw_rows) / sum(r["wall_s"] for r in gw_rows), 4
-            )
+            gw_tokens, gw_wall, gw_cpu = (pooled("gateway", c, k) for k in ("tokens", "wall_s", "gateway_cpu_s"))
+            direct_tok_s = pooled("llama-server", c, "tokens") / pooled("llama-server", c, "wall_s")
+            ratios[f"gateway / direct tok/s at c={c} (goal >= 0.97)"] = gw_tokens / gw_wall / direct_tok_s
+            cell = summary[f"gateway@{c}"]
+            cell["gateway_cpu_us_per_token"] = round(gw_cpu / gw_tokens * 1e6, 1)
+            cell["gateway_cpu_share_of_a_core"] = round(gw_cpu / gw_wall, 4)
             console.print(
-                f"gateway CPU at c={c}: {cpu_per_token * 1e6:.0f} µs per streamed token, "
-                f"{summary[f'gateway@{c}']['gateway_cpu_share_of_a_core']:.1%} of a core"
+                f"gateway CPU at c={c}: {cell['gateway_cpu_us_per_token']:.0f} µs per streamed token, "
+                f"{cell['gateway_cpu_share_of_a_core']:.1%} of a core"
             )
     for k, v in ratios.items():
         console.print(f"{k}: [bold]{v:.2f}[/bold]")

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -340,11 +341,12 @@ async def run_mode(
                     errors += 1
                     console.print(f"[red]{mode}: {exc}[/red]")
                     break
+                who = oracle[url] if oracle is not None else ans.instance
                 ttfts.append(ans.ttft)
                 log.append(
                     {
                         "group": group,
-                        "instance": oracle[url] if oracle is not None else ans.instance,
+                        "instance": who,
                         "ttft_s": round(ans.ttft, 4),
                         "prompt_tokens": ans.prompt_tokens,
                         "cached_tokens": ans.cached_tokens,
@@ -353,7 +355,6 @@ async def run_mode(
                 tokens += ans.tokens
                 prompt_tokens += ans.prompt_tokens
                 cached_tokens += ans.cached_tokens
-                who = oracle[url] if oracle is not None else ans.instance
                 per_replica[who] = per_replica.get(who, 0) + 1
                 messages.append({"role": "assistant", "content": ans.text})
 
@@ -389,10 +390,11 @@ async def run_mode(
 def prefix_outcomes(gateway: str) -> dict[str, float]:
     """modelfleet_gateway_prefix_routed_total of the bench model, by outcome."""
     out: dict[str, float] = {}
-    for line in httpx.get(f"{gateway}/metrics").text.splitlines():
-        if line.startswith("modelfleet_gateway_prefix_routed_total{") and f'model="{MODEL}"' in line:
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            out[outcome] = out.get(outcome, 0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(httpx.get(f"{gateway}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "modelfleet_gateway_prefix_routed_total" and sample.labels.get("model") == MODEL:
+                outcome = sample.labels["outcome"]
+                out[outcome] = out.get(outcome, 0) + sample.value
     return out
 
 

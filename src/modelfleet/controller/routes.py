@@ -39,8 +39,8 @@ def model_routing(routing: str, endpoints: list[str] | None) -> str:
     declared instances) is "p2c" for now. bench/prefix.py did not bear prefix routing out as
     a default: on llama-cpp-python's server (one request at a time) no gain without slack,
     hot spots with it; on llama-server (slots) -8 % mean TTFT where an oracle got -23 %
-    (docs/gateway.md). Embedding-
-    only models are "p2c" whatever the deployment says: their requests never have a key."""
+    (docs/gateway.md). Embedding-only models are "p2c" whatever the deployment says: their
+    requests never have a key."""
     if endpoints is not None and "chat" not in endpoints and "completions" not in endpoints:
         return "p2c"
     if routing in ("p2c", "prefix"):
